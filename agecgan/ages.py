@@ -1,5 +1,7 @@
 """The six Age-cGAN age buckets and the one-hot age condition y."""
 
+import operator
+
 import torch
 
 # Inclusive age ranges of the buckets; the last one is open-ended.
@@ -19,8 +21,9 @@ NUM_BUCKETS = len(AGE_BUCKETS)
 
 def age_to_bucket(age: int) -> int:
     """Index of the bucket holding `age` in whole years; ages <= 0 are rejected, not bucketed."""
-    if isinstance(age, bool) or not isinstance(age, int):
-        raise TypeError(f"age must be an int, got {type(age).__name__}")
+    if isinstance(age, bool):
+        raise TypeError("age must be an integer number of years, got a bool")
+    age = operator.index(age)  # accepts numpy integers, refuses floats and strings
     if age <= 0:
         raise ValueError(f"age must be a positive number of years, got {age}")
     for index, (_, high) in enumerate(AGE_BUCKETS):
