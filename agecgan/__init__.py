@@ -1,0 +1,30 @@
+"""Age-cGAN face aging in PyTorch: networks, alignment, data and training stages."""
+
+from agecgan.ages import AGE_BUCKETS, BUCKET_LABELS, NUM_BUCKETS, age_to_bucket, one_hot
+from agecgan.align import (
+    AlignedFace,
+    FaceAligner,
+    FaceNotFoundError,
+    ImageReadError,
+    align_face,
+    load_image,
+)
+from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator
+
+__all__ = [
+    "AGE_BUCKETS",
+    "BUCKET_LABELS",
+    "NUM_BUCKETS",
+    "AgeCGANConfig",
+    "AlignedFace",
+    "Discriminator",
+    "Encoder",
+    "FaceAligner",
+    "FaceNotFoundError",
+    "Generator",
+    "ImageReadError",
+    "age_to_bucket",
+    "align_face",
+    "load_image",
+    "one_hot",
+]

@@ -1,0 +1,204 @@
+"""Turn a labelled source into a cached dataset of aligned 64x64 faces, once.
+
+Every image goes through align_face's detector and template, in parallel worker processes.
+An image that cannot be read or holds no face is dropped together with its label and counted.
+The cache is one .npz file (images, ages, buckets, split, names side by side, so they cannot
+drift apart), written atomically; loading it for training takes about a second.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agecgan.ages import BUCKET_LABELS, age_to_bucket
+from agecgan.align import FACE_SIZE, FaceAligner, FaceNotFoundError, ImageReadError
+from agecgan.sources import SourceScan
+
+CACHE_NAME = "faces.npz"
+REPORT_NAME = "prepare_report.json"
+UNREADABLE = "unreadable image"
+NO_FACE = "no face detected"
+SPLITS = ("train", "test")
+TEST_FRACTION_PERCENT = 10  # about 90/10 train/test
+
+
+def split_of(name: str) -> str:
+    """Deterministic train/test split from a hash of the file name: never changes between runs."""
+    digest = hashlib.sha256(Path(name).name.encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % 100
+    return "test" if bucket < TEST_FRACTION_PERCENT else "train"
+
+
+_worker_aligner: FaceAligner | None = None
+
+
+def _init_worker() -> None:
+    global _worker_aligner
+    torch.set_num_threads(1)  # one core per worker process; the workers use all of them
+    _worker_aligner = FaceAligner(size=FACE_SIZE)
+
+
+def _align_one(path: str) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return np.asarray(_worker_aligner(path).image), None
+    except ImageReadError:
+        return None, UNREADABLE
+    except FaceNotFoundError:
+        return None, NO_FACE
+
+
+@dataclass
+class PrepareReport:
+    """What prepare kept and dropped, and how long it took."""
+
+    source: str
+    total: int  # entries the source listed
+    kept: int
+    rejected: dict[str, int]  # reason -> count: the source's label rules, then ours
+    per_split: dict[str, int]
+    per_bucket: dict[str, int]
+    seconds: float
+    workers: int
+
+    def table(self) -> str:
+        rows = [("entries listed", self.total)]
+        rows += [(f"dropped: {reason}", count) for reason, count in self.rejected.items()]
+        rows += [("kept", self.kept)]
+        rows += [(f"  {split}", count) for split, count in self.per_split.items()]
+        rows += [(f"  ages {label}", count) for label, count in self.per_bucket.items()]
+        width = max(len(label) for label, _ in rows)
+        lines = [f"{label:<{width}}  {count:>7,}" for label, count in rows]
+        lines.append(
+            f"{self.seconds:.1f} s with {self.workers} workers "
+            f"({self.total / max(self.seconds, 1e-9):.1f} images/s)"
+        )
+        return "\n".join(lines)
+
+
+def prepare(
+    scan: SourceScan,
+    out_dir: str | Path,
+    *,
+    source: str = "",
+    workers: int | None = None,
+    progress: bool = True,
+) -> PrepareReport:
+    """Detect, align and cache every record of `scan` into out_dir/faces.npz."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    paths = [str(record.path) for record in scan.records]
+    faces = np.empty((len(paths), FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
+    keep = np.zeros(len(paths), dtype=bool)
+    rejected = dict(scan.rejected)
+    start = time.perf_counter()
+    # spawn, not fork: forking a process that has already run torch can deadlock its OpenMP pool
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker) as pool:
+        results = pool.imap(_align_one, paths, chunksize=8)  # in order: labels stay with images
+        bar = tqdm(results, total=len(paths), desc="align", unit="img", disable=not progress)
+        for index, (face, reason) in enumerate(bar):
+            if face is None:
+                rejected[reason] = rejected.get(reason, 0) + 1
+            else:
+                faces[index], keep[index] = face, True
+    seconds = time.perf_counter() - start
+
+    kept_records = [record for record, ok in zip(scan.records, keep, strict=True) if ok]
+    names = np.array([record.path.name for record in kept_records], dtype=str)
+    ages = np.array([record.age for record in kept_records], dtype=np.int16)
+    buckets = np.array([age_to_bucket(int(age)) for age in ages], dtype=np.int8)
+    split = np.array([SPLITS.index(split_of(name)) for name in names], dtype=np.int8)
+    save_cache(
+        out_dir / CACHE_NAME,
+        images=faces[keep],
+        ages=ages,
+        buckets=buckets,
+        split=split,
+        names=names,
+    )
+
+    report = PrepareReport(
+        source=source,
+        total=scan.total,
+        kept=int(keep.sum()),
+        rejected=rejected,
+        per_split={name: int((split == i).sum()) for i, name in enumerate(SPLITS)},
+        per_bucket={label: int((buckets == i).sum()) for i, label in enumerate(BUCKET_LABELS)},
+        seconds=seconds,
+        workers=workers,
+    )
+    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report.__dict__, indent=2))
+    return report
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_cache(path: Path, **arrays: np.ndarray) -> None:
+    """Write the arrays as one .npz, atomically: a killed run leaves the old file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class FaceDataset:
+    """An in-memory split of a prepared cache: uint8 faces (N, 64, 64, 3) and their buckets."""
+
+    images: torch.Tensor  # (N, 64, 64, 3) uint8
+    buckets: torch.Tensor  # (N,) int64, 0..5
+    ages: torch.Tensor  # (N,) int64
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    @classmethod
+    def load(cls, path: str | Path, split: str | None = "train") -> "FaceDataset":
+        """Load a prepared cache (its folder or the .npz itself); split None keeps everything."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CACHE_NAME
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no prepared dataset at {path}: run `python -m agecgan prepare` first"
+            )
+        with np.load(path, allow_pickle=False) as cache:
+            arrays = {key: cache[key] for key in ("images", "ages", "buckets", "split", "names")}
+        lengths = {key: len(value) for key, value in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"corrupt dataset {path}: arrays of different lengths {lengths}")
+        chosen = slice(None) if split is None else arrays["split"] == SPLITS.index(split)
+        return cls(
+            images=torch.from_numpy(np.ascontiguousarray(arrays["images"][chosen])),
+            buckets=torch.from_numpy(arrays["buckets"][chosen].astype(np.int64)),
+            ages=torch.from_numpy(arrays["ages"][chosen].astype(np.int64)),
+            names=arrays["names"][chosen].tolist(),
+        )
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the networks' input range."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(faces: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return (
+        faces.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+    )
