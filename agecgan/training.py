@@ -1,0 +1,567 @@
+"""Age-cGAN's training stages 1 (conditional GAN) and 2 (encoder), with what every run shares.
+
+Each stage is one visible loop. Every run: resumable from an atomically saved state, TensorBoard
+scalars, a fixed-noise sample grid (one row per age bucket, the same z in each column), a
+progress bar with images/s, seeds, CUDA when present, optional bf16/fp16 autocast, the resolved
+options as JSON in the run folder, and finished weights as safetensors plus config.json.
+Under torchrun every process trains a slice of each batch with DistributedDataParallel.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from agecgan.ages import NUM_BUCKETS, one_hot
+from agecgan.checkpoints import (
+    export_model,
+    load_network,
+    load_training_state,
+    save_training_state,
+)
+from agecgan.losses import adversarial_loss, euclidean_loss
+from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator
+from agecgan.prepare import FaceDataset, to_model_range, to_uint8
+
+STATE_NAME = "state.pt"
+OPTIONS_NAME = "options.json"
+MODEL_DIR = "model"  # finished weights: <run>/model/{generator,discriminator,...}.safetensors
+
+
+@dataclass
+class RunOptions:
+    """Options every stage shares."""
+
+    run_dir: str = ""  # where state, samples, logs and weights go; default runs/<stage>-<time>
+    resume: bool = False  # continue from run_dir/state.pt
+    seed: int = 0  # seeds weights, data order and noise
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    precision: str = "fp32"  # fp32, bf16 (autocast; fast on CPUs with AMX/AVX-512 bf16) or fp16
+    channels_last: bool = True  # NHWC memory format: measured faster with oneDNN on CPU
+    batch_size: int = 128  # per process; the recipe's batch
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
+    save_every: int = 200  # steps between saved states: a killed run loses at most this many
+    sample_every: int = 200  # steps between sample grids
+    log_every: int = 10  # steps between TensorBoard scalars
+    sample_columns: int = 8  # faces per row of the sample grid
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class GanOptions(RunOptions):
+    """Stage 1: train G and D as the recipe does."""
+
+    data: str = "data/utkface"  # prepared dataset folder (python -m agecgan prepare)
+    epochs: int = 500  # as the recipe; stop earlier with --max-steps
+    lr_g: float = 2e-4  # Adam, as the DCGAN paper and the recipe
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    real_label: float = 0.9  # one-sided label smoothing on real faces, as the recipe
+    fake_label: float = 0.0  # the recipe's fake labels (its zeros * 0.1 is 0)
+    hflip: bool = False  # random horizontal flips of real faces (not in the recipe)
+    config: dict = field(default_factory=lambda: AgeCGANConfig().to_dict())
+
+
+@dataclass
+class EncoderOptions(RunOptions):
+    """Stage 2: train E on pairs (z, G(z, y)) with the Euclidean loss."""
+
+    generator: str = ""  # model folder of a finished stage-1 run (its <run>/model)
+    pairs: int = 100_000  # the paper's count of (z, y) pairs
+    epochs: int = 10  # passes over the pairs
+    lr: float = 1e-3  # Keras' default Adam, which the recipe's encoder uses
+    beta1: float = 0.9
+    beta2: float = 0.999
+    data: str = ""  # optional prepared dataset: its test faces fill the sample grid
+
+
+# ---- shared machinery ---------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, distributed rank and world size."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def start_runtime(options: RunOptions) -> Runtime:
+    """Join the torchrun process group when launched by torchrun; otherwise one process."""
+    if "RANK" not in os.environ:
+        return Runtime(select_device(options.device))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = select_device(options.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, rank, world_size)
+
+
+def stop_runtime(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def autocast(runtime: Runtime, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(runtime.device.type, dtype=dtype)
+
+
+def prepare_network(network: nn.Module, runtime: Runtime, options: RunOptions) -> nn.Module:
+    network = network.to(runtime.device)
+    if options.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+def wrap_distributed(network: nn.Module, runtime: Runtime) -> nn.Module:
+    if runtime.world_size == 1:
+        return network
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(network, device_ids=device_ids)
+
+
+def sync_buffers(network: nn.Module, runtime: Runtime) -> None:
+    """Give every rank rank 0's batch-norm statistics (DDP syncs them only before a forward)."""
+    if runtime.world_size > 1:
+        for buffer in network.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def make_run_dir(options: RunOptions, stage: str) -> Path:
+    if not options.run_dir:
+        options.run_dir = str(Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(options.run_dir)
+    if options.resume and not (run_dir / STATE_NAME).exists():
+        raise FileNotFoundError(f"--resume: no {STATE_NAME} in {run_dir}")
+    return run_dir
+
+
+def write_options(run_dir: Path, stage: str, options: RunOptions, runtime: Runtime) -> None:
+    resolved = {
+        "stage": stage,
+        **dataclasses.asdict(options),
+        "resolved_device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "torch": torch.__version__,
+    }
+    tmp = run_dir / (OPTIONS_NAME + ".tmp")
+    tmp.write_text(json.dumps(resolved, indent=2) + "\n")
+    os.replace(tmp, run_dir / OPTIONS_NAME)
+
+
+def epoch_batches(
+    num_items: int, batch_size: int, epoch: int, seed: int, runtime: Runtime
+) -> list[torch.Tensor]:
+    """This process's batches of item indices for one epoch: a seeded shuffle, split by rank.
+
+    Every process draws the same permutation, so the ranks' slices never overlap; incomplete
+    batches are dropped, as the recipe does (batch norm needs full batches).
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_items, generator=generator)
+    global_batch = batch_size * runtime.world_size
+    batches = []
+    for start in range(0, num_items - global_batch + 1, global_batch):
+        chunk = order[start : start + global_batch]
+        batches.append(chunk[runtime.rank * batch_size : (runtime.rank + 1) * batch_size])
+    return batches
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> np.ndarray:
+    """Save faces as a grid: each row a (C, 3, H, W) batch in [-1, 1]. Returns the uint8 image."""
+    grid = torch.cat([torch.cat(list(to_uint8(row.cpu())), dim=1) for row in rows], dim=0)
+    array = grid.numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+    return array
+
+
+class Logger:
+    """TensorBoard scalars and images, on rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def image(self, step: int, name: str, array: np.ndarray) -> None:
+        if self.writer:
+            self.writer.add_image(name, array, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def seeded_noise(seed: int, rank: int) -> torch.Generator:
+    """Per-process noise source (CPU): different per rank, saved in the state for resuming."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+
+
+def random_ages(count: int, generator: torch.Generator) -> torch.Tensor:
+    return one_hot(torch.randint(0, NUM_BUCKETS, (count,), generator=generator))
+
+
+def fixed_sample_noise(config: AgeCGANConfig, columns: int, seed: int) -> torch.Tensor:
+    """The same z for every grid of a run: one per column."""
+    return torch.randn(columns, config.z_dim, generator=torch.Generator().manual_seed(seed + 1))
+
+
+@torch.no_grad()
+def age_rows(G: nn.Module, z: torch.Tensor) -> list[torch.Tensor]:
+    """G(z, y) for each age bucket y: one row per bucket, youngest first."""
+    was_training = G.training
+    G.eval()
+    rows = [G(z, one_hot(torch.full((len(z),), b)).to(z.device)) for b in range(NUM_BUCKETS)]
+    G.train(was_training)
+    return [row.float() for row in rows]
+
+
+# ---- stage 1: conditional GAN ---------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """Where the finished weights went, and the trained networks of this process."""
+
+    model_dir: Path
+    networks: dict[str, nn.Module]
+
+
+def train_gan(options: GanOptions) -> TrainResult:
+    """Train G and D; returns the folder of the finished weights and the networks."""
+    runtime = start_runtime(options)
+    run_dir = make_run_dir(options, "gan")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)  # identical initial weights on every rank
+    config = AgeCGANConfig.from_dict(options.config)
+    G = prepare_network(Generator(config), runtime, options)
+    D = prepare_network(Discriminator(config), runtime, options)
+    optimizer_g = torch.optim.Adam(
+        G.parameters(), options.lr_g, betas=(options.beta1, options.beta2)
+    )
+    optimizer_d = torch.optim.Adam(
+        D.parameters(), options.lr_d, betas=(options.beta1, options.beta2)
+    )
+    noise = seeded_noise(options.seed, runtime.rank)
+    step = 0
+    if options.resume:
+        state = load_training_state(run_dir / STATE_NAME, runtime.device)
+        G.load_state_dict(state["generator"])
+        D.load_state_dict(state["discriminator"])
+        optimizer_g.load_state_dict(state["optimizer_g"])
+        optimizer_d.load_state_dict(state["optimizer_d"])
+        restore_random_states(state["random"], noise, runtime)
+        step = state["step"]
+    G_ddp, D_ddp = wrap_distributed(G, runtime), wrap_distributed(D, runtime)
+    if runtime.is_main:
+        write_options(run_dir, "gan", options, runtime)
+
+    dataset = FaceDataset.load(options.data, split="train")
+    steps_per_epoch = len(dataset) // (options.batch_size * runtime.world_size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} training faces cannot fill one batch of "
+            f"{options.batch_size} x {runtime.world_size} processes"
+        )
+    total_steps = options.epochs * steps_per_epoch
+    if options.max_steps:
+        total_steps = min(total_steps, options.max_steps)
+    sample_z = fixed_sample_noise(config, options.sample_columns, options.seed).to(runtime.device)
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    logger = Logger(run_dir, runtime.is_main)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        unit="step",
+        desc="gan",
+        disable=not (options.progress and runtime.is_main),
+    )
+    B = options.batch_size
+
+    def save_state() -> None:
+        random_states = gather_random_states(noise, runtime)
+        if runtime.is_main:
+            save_training_state(
+                run_dir / STATE_NAME,
+                {
+                    "generator": G.state_dict(),
+                    "discriminator": D.state_dict(),
+                    "optimizer_g": optimizer_g.state_dict(),
+                    "optimizer_d": optimizer_d.state_dict(),
+                    "random": random_states,
+                    "step": step,
+                    "options": json.dumps(dataclasses.asdict(options)),
+                },
+            )
+
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        for indices in epoch_batches(len(dataset), B, epoch, options.seed, runtime)[skip:]:
+            if step >= total_steps:
+                break
+            started = time.perf_counter()
+            x = to_model_range(dataset.images[indices]).to(runtime.device)  # (B, 3, 64, 64)
+            if options.hflip:
+                flip = torch.rand(B, generator=noise) < 0.5
+                x[flip] = x[flip].flip(3)
+            x = x.contiguous(memory_format=memory_format)
+            y = one_hot(dataset.buckets[indices]).to(runtime.device)  # (B, 6) true ages
+            z = torch.randn(B, config.z_dim, generator=noise).to(runtime.device)
+
+            # D learns real faces of their true ages against G's faces for the same ages. The
+            # recipe makes those with G.predict: inference mode, no dropout, running statistics.
+            with torch.no_grad(), autocast(runtime, options.precision):
+                G.eval()
+                fake = G(z, y).float().contiguous(memory_format=memory_format)
+            D_ddp.train()
+            d_losses = []
+            for faces, target in ((x, options.real_label), (fake, options.fake_label)):
+                with autocast(runtime, options.precision):
+                    d_loss = adversarial_loss(D_ddp(faces, y), target)
+                optimizer_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                optimizer_d.step()  # one update per batch, as the recipe's two train_on_batch
+                d_losses.append(d_loss.item())
+
+            # G learns to fool the frozen D on fresh z and random ages. Keras freezes D's batch
+            # norm too (running statistics); D gets no weight gradients and no DDP sync here.
+            G_ddp.train()
+            D.eval()
+            D.requires_grad_(False)
+            z = torch.randn(B, config.z_dim, generator=noise).to(runtime.device)
+            y_random = random_ages(B, noise).to(runtime.device)
+            with autocast(runtime, options.precision):
+                g_loss = adversarial_loss(D(G_ddp(z, y_random), y_random), 1.0)
+            optimizer_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizer_g.step()
+            D.requires_grad_(True)
+
+            step += 1
+            images_per_second = B * runtime.world_size / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(
+                d_real=f"{d_losses[0]:.3f}",
+                d_fake=f"{d_losses[1]:.3f}",
+                g=f"{g_loss.item():.3f}",
+                img_s=f"{images_per_second:.0f}",
+            )
+            if step % options.log_every == 0:
+                logger.scalars(
+                    step,
+                    **{
+                        "loss/d_real": d_losses[0],
+                        "loss/d_fake": d_losses[1],
+                        "loss/g": g_loss.item(),
+                        "speed/images_per_s": images_per_second,
+                        "epoch": epoch,
+                    },
+                )
+            if runtime.is_main and (step % options.sample_every == 0 or step == total_steps):
+                grid = save_grid(age_rows(G, sample_z), run_dir / "samples" / f"{step:07d}.png")
+                logger.image(step, "samples", grid)
+            if step % options.save_every == 0 or step == total_steps:
+                save_state()
+    bar.close()
+    logger.close()
+    sync_buffers(G, runtime)
+    sync_buffers(D, runtime)
+    model_dir = run_dir / MODEL_DIR
+    if runtime.is_main:
+        export_model(model_dir, config, generator=G, discriminator=D)
+    stop_runtime(runtime)
+    return TrainResult(model_dir, {"generator": G, "discriminator": D})
+
+
+def gather_random_states(noise: torch.Generator, runtime: Runtime) -> list[dict]:
+    """Every rank's noise and global RNG (dropout) states: a resumed run draws the same numbers."""
+    state = {"noise": noise.get_state(), "torch": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    if runtime.world_size == 1:
+        return [state]
+    states: list = [None] * runtime.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_random_states(states: list[dict], noise: torch.Generator, runtime: Runtime) -> None:
+    if len(states) != runtime.world_size:
+        raise ValueError(
+            f"the saved state is from {len(states)} processes, this run has "
+            f"{runtime.world_size}: resume with the same process count"
+        )
+    state = states[runtime.rank]
+    noise.set_state(state["noise"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), runtime.device)
+
+
+# ---- stage 2: encoder -----------------------------------------------------------------------
+
+
+def train_encoder(options: EncoderOptions) -> TrainResult:
+    """Train E to invert a frozen G; returns the model folder (E plus the G and D used)."""
+    if not options.generator:
+        raise ValueError("stage 2 needs --generator: the model folder of a stage-1 run")
+    runtime = start_runtime(options)
+    run_dir = make_run_dir(options, "encoder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)
+    G = prepare_network(load_network(options.generator, "generator"), runtime, options)
+    G.requires_grad_(False)
+    G.eval()  # the recipe's G.predict: inference mode
+    config = G.config
+    E = prepare_network(Encoder(config), runtime, options)
+    optimizer = torch.optim.Adam(E.parameters(), options.lr, betas=(options.beta1, options.beta2))
+    step = 0
+    if options.resume:
+        state = load_training_state(run_dir / STATE_NAME, runtime.device)
+        E.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    E_ddp = wrap_distributed(E, runtime)
+    if runtime.is_main:
+        write_options(run_dir, "encoder", options, runtime)
+
+    # The (z, y) pairs are drawn once from the seed, so every epoch and every resume sees the
+    # same set; G's faces are made batch by batch (storing 100,000 faces would take 5 GB).
+    pair_source = torch.Generator().manual_seed(options.seed + 2)
+    all_z = torch.randn(options.pairs, config.z_dim, generator=pair_source)
+    all_y = random_ages(options.pairs, pair_source)
+    steps_per_epoch = options.pairs // (options.batch_size * runtime.world_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{options.pairs} pairs cannot fill one batch")
+    total_steps = options.epochs * steps_per_epoch
+    if options.max_steps:
+        total_steps = min(total_steps, options.max_steps)
+
+    grid_inputs = encoder_grid_inputs(options, G, config, runtime.device)
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    logger = Logger(run_dir, runtime.is_main)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        unit="step",
+        desc="encoder",
+        disable=not (options.progress and runtime.is_main),
+    )
+    B = options.batch_size
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        for indices in epoch_batches(options.pairs, B, epoch, options.seed, runtime)[skip:]:
+            if step >= total_steps:
+                break
+            started = time.perf_counter()
+            z, y = all_z[indices].to(runtime.device), all_y[indices].to(runtime.device)
+            with torch.no_grad(), autocast(runtime, options.precision):
+                x = G(z, y).float().contiguous(memory_format=memory_format)  # (B, 3, 64, 64)
+            E_ddp.train()
+            with autocast(runtime, options.precision):
+                loss = euclidean_loss(E_ddp(x), z)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            step += 1
+            images_per_second = B * runtime.world_size / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_second:.0f}")
+            if step % options.log_every == 0:
+                logger.scalars(
+                    step, **{"loss/euclidean": loss.item(), "speed/images_per_s": images_per_second}
+                )
+            if runtime.is_main and (step % options.sample_every == 0 or step == total_steps):
+                grid = save_grid(
+                    reconstruction_rows(E, G, grid_inputs), run_dir / "samples" / f"{step:07d}.png"
+                )
+                logger.image(step, "samples", grid)
+            if (step % options.save_every == 0 or step == total_steps) and runtime.is_main:
+                save_training_state(
+                    run_dir / STATE_NAME,
+                    {
+                        "encoder": E.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "options": json.dumps(dataclasses.asdict(options)),
+                    },
+                )
+    bar.close()
+    logger.close()
+    model_dir = run_dir / MODEL_DIR
+    if runtime.is_main:
+        D = (
+            load_network(options.generator, "discriminator")
+            if (Path(options.generator) / "discriminator.safetensors").exists()
+            else None
+        )
+        networks = {"encoder": E, "generator": G} | ({"discriminator": D} if D else {})
+        export_model(model_dir, config, **networks)
+    stop_runtime(runtime)
+    return TrainResult(model_dir, {"encoder": E})
+
+
+def encoder_grid_inputs(
+    options: EncoderOptions, G: nn.Module, config: AgeCGANConfig, device: torch.device
+) -> torch.Tensor:
+    """Faces the encoder grid shows: real test faces when --data is given, else G's own."""
+    columns = options.sample_columns
+    if options.data:
+        test = FaceDataset.load(options.data, split="test")
+        return to_model_range(test.images[:columns]).to(device)
+    z = fixed_sample_noise(config, columns, options.seed).to(device)
+    ages = one_hot(torch.arange(columns) % NUM_BUCKETS).to(device)
+    with torch.no_grad():
+        return G(z, ages).float()
+
+
+@torch.no_grad()
+def reconstruction_rows(E: nn.Module, G: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """First row the inputs x, then G(E(x), y) for each age bucket: the aging grid."""
+    was_training = E.training
+    E.eval()
+    z = E(x).float()
+    E.train(was_training)
+    return [x.float(), *age_rows(G, z)]

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real face photos that ship inside scikit-image and matplotlib."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """Eileen Collins, 512x512 RGB uint8 (scikit-image, public domain)."""
+    return pytest.importorskip("skimage.data").astronaut()
+
+
+@pytest.fixture(scope="session")
+def camera() -> np.ndarray:
+    """The cameraman, 512x512 grayscale uint8: a small face in three-quarter view."""
+    return pytest.importorskip("skimage.data").camera()
+
+
+@pytest.fixture(scope="session")
+def grace_hopper() -> Path:
+    """Grace Hopper, a 512x600 RGB JPEG file (matplotlib sample data, public domain)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+@pytest.fixture(scope="session")
+def aligner():
+    """The process-wide aligner that align_face uses too: one MTCNN for the whole session."""
+    from agecgan.align import default_aligner
+
+    return default_aligner()
