@@ -144,6 +144,10 @@ def prepare_network(network: nn.Module, runtime: Runtime, options: RunOptions) -
     return network
 
 
+def memory_format_of(options: RunOptions) -> torch.memory_format:
+    return torch.channels_last if options.channels_last else torch.contiguous_format
+
+
 def wrap_distributed(network: nn.Module, runtime: Runtime) -> nn.Module:
     if runtime.world_size == 1:
         return network
@@ -308,7 +312,7 @@ def train_gan(options: GanOptions) -> TrainResult:
     if options.max_steps:
         total_steps = min(total_steps, options.max_steps)
     sample_z = fixed_sample_noise(config, options.sample_columns, options.seed).to(runtime.device)
-    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    memory_format = memory_format_of(options)
     logger = Logger(run_dir, runtime.is_main)
     bar = tqdm(
         total=total_steps,
@@ -347,36 +351,9 @@ def train_gan(options: GanOptions) -> TrainResult:
                 x[flip] = x[flip].flip(3)
             x = x.contiguous(memory_format=memory_format)
             y = one_hot(dataset.buckets[indices]).to(runtime.device)  # (B, 6) true ages
-            z = torch.randn(B, config.z_dim, generator=noise).to(runtime.device)
-
-            # D learns real faces of their true ages against G's faces for the same ages. The
-            # recipe makes those with G.predict: inference mode, no dropout, running statistics.
-            with torch.no_grad(), autocast(runtime, options.precision):
-                G.eval()
-                fake = G(z, y).float().contiguous(memory_format=memory_format)
-            D_ddp.train()
-            d_losses = []
-            for faces, target in ((x, options.real_label), (fake, options.fake_label)):
-                with autocast(runtime, options.precision):
-                    d_loss = adversarial_loss(D_ddp(faces, y), target)
-                optimizer_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                optimizer_d.step()  # one update per batch, as the recipe's two train_on_batch
-                d_losses.append(d_loss.item())
-
-            # G learns to fool the frozen D on fresh z and random ages. Keras freezes D's batch
-            # norm too (running statistics); D gets no weight gradients and no DDP sync here.
-            G_ddp.train()
-            D.eval()
-            D.requires_grad_(False)
-            z = torch.randn(B, config.z_dim, generator=noise).to(runtime.device)
-            y_random = random_ages(B, noise).to(runtime.device)
-            with autocast(runtime, options.precision):
-                g_loss = adversarial_loss(D(G_ddp(z, y_random), y_random), 1.0)
-            optimizer_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            optimizer_g.step()
-            D.requires_grad_(True)
+            d_losses, g_loss = gan_step(
+                G, D, G_ddp, D_ddp, optimizer_g, optimizer_d, x, y, noise, options, runtime
+            )
 
             step += 1
             images_per_second = B * runtime.world_size / (time.perf_counter() - started)
@@ -384,7 +361,7 @@ def train_gan(options: GanOptions) -> TrainResult:
             bar.set_postfix(
                 d_real=f"{d_losses[0]:.3f}",
                 d_fake=f"{d_losses[1]:.3f}",
-                g=f"{g_loss.item():.3f}",
+                g=f"{g_loss:.3f}",
                 img_s=f"{images_per_second:.0f}",
             )
             if step % options.log_every == 0:
@@ -393,7 +370,7 @@ def train_gan(options: GanOptions) -> TrainResult:
                     **{
                         "loss/d_real": d_losses[0],
                         "loss/d_fake": d_losses[1],
-                        "loss/g": g_loss.item(),
+                        "loss/g": g_loss,
                         "speed/images_per_s": images_per_second,
                         "epoch": epoch,
                     },
@@ -412,6 +389,80 @@ def train_gan(options: GanOptions) -> TrainResult:
         export_model(model_dir, config, generator=G, discriminator=D)
     stop_runtime(runtime)
     return TrainResult(model_dir, {"generator": G, "discriminator": D})
+
+
+def gan_step(
+    G: nn.Module,
+    D: nn.Module,
+    G_ddp: nn.Module,
+    D_ddp: nn.Module,
+    optimizer_g: torch.optim.Optimizer,
+    optimizer_d: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise: torch.Generator,
+    options: GanOptions,
+    runtime: Runtime,
+) -> tuple[list[float], float]:
+    """One stage-1 iteration of the recipe on real faces x with ages y; returns the losses.
+
+    G_ddp and D_ddp are G and D, or their DistributedDataParallel wrappers under torchrun.
+    """
+    B, device = len(x), runtime.device
+    memory_format = memory_format_of(options)
+    z = torch.randn(B, G.config.z_dim, generator=noise).to(device)
+
+    # D learns real faces of their true ages against G's faces for the same ages. The recipe
+    # makes those with G.predict: inference mode, no dropout, running statistics.
+    with torch.no_grad(), autocast(runtime, options.precision):
+        G.eval()
+        fake = G(z, y).float().contiguous(memory_format=memory_format)
+    D_ddp.train()
+    d_losses = []
+    for faces, target in ((x, options.real_label), (fake, options.fake_label)):
+        with autocast(runtime, options.precision):
+            d_loss = adversarial_loss(D_ddp(faces, y), target)
+        optimizer_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizer_d.step()  # one update per batch, as the recipe's two train_on_batch calls
+        d_losses.append(d_loss.item())
+
+    # G learns to fool the frozen D on fresh z and random ages. Keras freezes D's batch norm
+    # too (running statistics); D gets no weight gradients and no DDP sync here.
+    G_ddp.train()
+    D.eval()
+    D.requires_grad_(False)
+    z = torch.randn(B, G.config.z_dim, generator=noise).to(device)
+    y_random = random_ages(B, noise).to(device)
+    with autocast(runtime, options.precision):
+        g_loss = adversarial_loss(D(G_ddp(z, y_random), y_random), 1.0)
+    optimizer_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    optimizer_g.step()
+    D.requires_grad_(True)
+    return d_losses, g_loss.item()
+
+
+def encoder_step(
+    E: nn.Module,
+    G: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    options: EncoderOptions,
+    runtime: Runtime,
+) -> float:
+    """One stage-2 iteration: E learns to recover z from G(z, y) (G frozen); returns the loss."""
+    memory_format = memory_format_of(options)
+    with torch.no_grad(), autocast(runtime, options.precision):
+        x = G(z, y).float().contiguous(memory_format=memory_format)  # (B, 3, 64, 64)
+    E.train()
+    with autocast(runtime, options.precision):
+        loss = euclidean_loss(E(x), z)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def gather_random_states(noise: torch.Generator, runtime: Runtime) -> list[dict]:
@@ -479,7 +530,6 @@ def train_encoder(options: EncoderOptions) -> TrainResult:
         total_steps = min(total_steps, options.max_steps)
 
     grid_inputs = encoder_grid_inputs(options, G, config, runtime.device)
-    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     logger = Logger(run_dir, runtime.is_main)
     bar = tqdm(
         total=total_steps,
@@ -496,22 +546,15 @@ def train_encoder(options: EncoderOptions) -> TrainResult:
                 break
             started = time.perf_counter()
             z, y = all_z[indices].to(runtime.device), all_y[indices].to(runtime.device)
-            with torch.no_grad(), autocast(runtime, options.precision):
-                x = G(z, y).float().contiguous(memory_format=memory_format)  # (B, 3, 64, 64)
-            E_ddp.train()
-            with autocast(runtime, options.precision):
-                loss = euclidean_loss(E_ddp(x), z)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = encoder_step(E_ddp, G, optimizer, z, y, options, runtime)
 
             step += 1
             images_per_second = B * runtime.world_size / (time.perf_counter() - started)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_second:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_second:.0f}")
             if step % options.log_every == 0:
                 logger.scalars(
-                    step, **{"loss/euclidean": loss.item(), "speed/images_per_s": images_per_second}
+                    step, **{"loss/euclidean": loss, "speed/images_per_s": images_per_second}
                 )
             if runtime.is_main and (step % options.sample_every == 0 or step == total_steps):
                 grid = save_grid(

@@ -25,9 +25,19 @@ def grace_hopper() -> Path:
     return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def aligner():
-    """The process-wide aligner that align_face uses too: one MTCNN for the whole session."""
+    """The process-wide aligner that align_face uses too (one MTCNN), run on one thread.
+
+    MTCNN's small convolutions gain little from a second thread, and beside other work on a
+    2-core machine OpenMP's spinning threads made each detection up to 20x slower. The thread
+    count is restored when the module's tests are done.
+    """
+    import torch
+
     from agecgan.align import default_aligner
 
-    return default_aligner()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield default_aligner()
+    torch.set_num_threads(threads)

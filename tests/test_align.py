@@ -1,0 +1,247 @@
+"""Tests of face detection and template alignment, with the real MTCNN on real photos."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agecgan.align import (
+    TEMPLATE,
+    FaceNotFoundError,
+    ImageReadError,
+    align_face,
+    load_image,
+    similarity_matrix,
+)
+
+PHOTOS = ("astronaut", "grace_hopper", "camera")
+# MTCNN boxes (x1, y1, x2, y2) measured on these photos, from MODELS.md.
+MEASURED_BOXES = {
+    "astronaut": (181.1, 62.2, 267.7, 172.1),
+    "grace_hopper": (174.4, 119.6, 355.6, 340.5),
+    "camera": (199.2, 118.9, 254.3, 192.3),
+}
+# No similarity transform puts five real landmarks exactly on the template; these bounds
+# (crop pixels) sit just above the residual of the best least-squares fit of each photo
+# (3.6 px on the astronaut's smile, 5.9 px on the cameraman's three-quarter view).
+LANDMARK_TOLERANCE = {"astronaut": 4.0, "grace_hopper": 3.5, "camera": 6.5}
+
+
+@pytest.fixture(scope="module")
+def faces(request, aligner):
+    """Each photo detected and aligned once: name -> AlignedFace."""
+    return {name: aligner(request.getfixturevalue(name)) for name in PHOTOS}
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return np.c_[points, np.ones(len(points))] @ matrix.T
+
+
+def least_squares_similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The similarity transform minimising the squared distances, in closed form (complex LS)."""
+    source, target = source.astype(np.float64), target.astype(np.float64)
+    zs = (source - source.mean(0)) @ [1, 1j]
+    zt = (target - target.mean(0)) @ [1, 1j]
+    c = np.vdot(zs, zt) / np.vdot(zs, zs)
+    linear = np.array([[c.real, -c.imag], [c.imag, c.real]])
+    return np.c_[linear, target.mean(0) - linear @ source.mean(0)]
+
+
+def box_iou(a, b) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(width, 0) * max(height, 0)
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area - inter)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_align_face_gives_64px_rgb(request, faces, name):
+    face = align_face(request.getfixturevalue(name))
+    assert isinstance(face, Image.Image)
+    assert face.size == (64, 64) and face.mode == "RGB"
+    np.testing.assert_array_equal(pixels(face), pixels(faces[name].image))
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_box_matches_measured(faces, name):
+    face = faces[name]
+    np.testing.assert_allclose(face.box, MEASURED_BOXES[name], atol=3.0)
+    assert face.num_faces == 1
+    assert face.probability > 0.99
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_matrix_maps_landmarks_near_template(faces, name):
+    face = faces[name]
+    residual = np.linalg.norm(transform(face.matrix, face.landmarks) - TEMPLATE * 64, axis=1)
+    assert residual.max() < LANDMARK_TOLERANCE[name], residual
+
+
+def test_similarity_matrix_is_exact_on_a_similar_face():
+    # Landmarks that are the template rotated by 20 degrees, scaled by 3 and shifted.
+    angle = np.deg2rad(20)
+    rotation = 3 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    landmarks = (TEMPLATE * 64) @ rotation.T + [140.0, 75.0]
+    matrix = similarity_matrix(landmarks, 64)
+    np.testing.assert_allclose(transform(matrix, landmarks), TEMPLATE * 64, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "astronaut",
+        pytest.param(
+            "grace_hopper",
+            marks=pytest.mark.xfail(
+                reason="LMEDS fits 3 of the 5 landmarks and ignores the mouth: 2.9 px off "
+                "where a least-squares similarity is within 1.3 px of every landmark",
+                strict=True,
+            ),
+        ),
+        "camera",
+    ],
+)
+def test_matrix_fits_landmarks_as_well_as_least_squares(faces, name):
+    face, target = faces[name], TEMPLATE * 64
+    best = least_squares_similarity(face.landmarks, target)
+    rms = np.sqrt(np.mean((transform(face.matrix, face.landmarks) - target) ** 2))
+    best_rms = np.sqrt(np.mean((transform(best, face.landmarks) - target) ** 2))
+    assert rms <= best_rms + 0.05
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_aligned_crop_holds_a_whole_face(aligner, faces, name):
+    upsampled = faces[name].image.resize((256, 256), Image.Resampling.BICUBIC)
+    again = aligner(upsampled)
+    x1, y1, x2, y2 = again.box
+    assert y2 - y1 > 0.6 * 256  # the face fills the crop, it is not a fragment of one
+    assert -0.05 * 256 < x1 < x2 < 1.05 * 256 and -0.05 * 256 < y1 < y2 < 1.05 * 256
+
+
+def test_path_pil_and_array_inputs_agree(tmp_path, aligner, faces, astronaut):
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(path)
+    expected = pixels(faces["astronaut"].image)  # aligned from the numpy array
+    np.testing.assert_array_equal(pixels(aligner(path).image), expected)
+    np.testing.assert_array_equal(pixels(aligner(str(path)).image), expected)
+    with Image.open(path) as opened:
+        np.testing.assert_array_equal(pixels(aligner(opened).image), expected)
+
+
+def test_exif_orientation_is_honoured(tmp_path, aligner, faces, astronaut):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": undoes the turn below
+    Image.fromarray(astronaut).transpose(Image.Transpose.ROTATE_90).save(
+        path, exif=exif, quality=95
+    )
+    with pytest.raises(FaceNotFoundError):  # the stored pixels alone show no upright face
+        aligner(np.asarray(Image.open(path)))
+    for photo in (path, Image.open(path)):
+        face = aligner(photo)
+        np.testing.assert_allclose(face.box, faces["astronaut"].box, atol=3.0)
+        assert np.abs(pixels(face.image) - pixels(faces["astronaut"].image)).mean() < 8
+
+
+def test_grayscale_inputs(aligner, faces, grace_hopper):
+    assert faces["camera"].image.mode == "RGB"  # the camera photo is a 2-D uint8 array
+    face = aligner(Image.open(grace_hopper).convert("L"))
+    assert face.image.mode == "RGB" and face.image.size == (64, 64)
+    red, green, blue = pixels(face.image).transpose(2, 0, 1)
+    assert (red == green).all() and (green == blue).all()
+    assert box_iou(face.box, MEASURED_BOXES["grace_hopper"]) > 0.9
+
+
+def test_rgba_inputs_ignore_alpha(aligner, faces, astronaut):
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    expected = pixels(faces["astronaut"].image)
+    np.testing.assert_array_equal(pixels(aligner(rgba).image), expected)
+    np.testing.assert_array_equal(pixels(aligner(Image.fromarray(rgba, "RGBA")).image), expected)
+
+
+def canvas(big: Image.Image, small: Image.Image, shrink: float) -> Image.Image:
+    """`big` at full size in the top-left corner, `small` shrunk in the bottom-right one."""
+    small = small.resize((round(small.width * shrink), round(small.height * shrink)))
+    picture = Image.new("RGB", (1000, 600), (128, 128, 128))
+    picture.paste(big, (0, 0))
+    picture.paste(small, (1000 - small.width, 600 - small.height))
+    return picture
+
+
+@pytest.mark.parametrize(
+    ("big", "small", "shrink"),
+    [("astronaut", "grace_hopper", 0.3), ("grace_hopper", "astronaut", 0.5)],
+)
+def test_largest_face_wins(aligner, astronaut, grace_hopper, big, small, shrink):
+    photos = {
+        "astronaut": Image.fromarray(astronaut),
+        "grace_hopper": Image.open(grace_hopper).convert("RGB"),
+    }
+    face = aligner(canvas(photos[big], photos[small], shrink))
+    assert face.num_faces == 2
+    assert box_iou(face.box, MEASURED_BOXES[big]) > 0.8  # big sits at (0, 0): same box
+
+
+@pytest.mark.parametrize(
+    "photo",
+    [
+        np.full((200, 200, 3), 128, np.uint8),
+        np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8),
+    ],
+    ids=["flat-gray", "noise"],
+)
+def test_no_face_raises(aligner, photo):
+    with pytest.raises(FaceNotFoundError, match="no face"):
+        aligner(photo)
+    assert issubclass(FaceNotFoundError, ValueError)
+
+
+@pytest.mark.xfail(
+    reason="images under 20 px raise torch.cat's ValueError from inside MTCNN", strict=True
+)
+def test_tiny_image_raises_face_not_found(aligner):
+    with pytest.raises(FaceNotFoundError):
+        aligner(np.zeros((19, 19, 3), np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "missing"])
+def test_unreadable_file_raises_naming_it(tmp_path, aligner, grace_hopper, kind):
+    path = tmp_path / f"{kind}.jpg"
+    if kind == "garbage":
+        path.write_bytes(b"this is not an image\n" * 10)
+    elif kind == "truncated":
+        path.write_bytes(grace_hopper.read_bytes()[:100])
+    with pytest.raises(ImageReadError, match="cannot read") as caught:
+        aligner(path)
+    assert str(path) in str(caught.value)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_array_of_wrong_dtype_raises():
+    with pytest.raises(ImageReadError, match="uint8"):
+        load_image(np.zeros((64, 64, 3), np.float32))
+
+
+@pytest.mark.xfail(
+    reason="load_image checks ndim only: HxWx1 raises Pillow's TypeError, HxWx2 passes as LA",
+    strict=True,
+)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_array_with_odd_channel_count_raises(channels):
+    with pytest.raises(ImageReadError):
+        load_image(np.zeros((64, 64, channels), np.uint8))
+
+
+@pytest.mark.xfail(
+    reason="16-bit images are clipped to white by convert('RGB'), so no face is found",
+    strict=True,
+)
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path, aligner, camera):
+    path = tmp_path / "camera16.png"
+    Image.fromarray(camera.astype(np.uint16) * 257).save(path)
+    face = aligner(path)
+    np.testing.assert_allclose(face.box, MEASURED_BOXES["camera"], atol=3.0)
