@@ -70,7 +70,8 @@ class AlignedFace:
 def load_image(photo: str | Path | Image.Image | np.ndarray) -> Image.Image:
     """A path, PIL image or HxW[x3|x4] uint8 array -> upright RGB PIL image."""
     if isinstance(photo, np.ndarray):
-        if photo.dtype != np.uint8 or photo.ndim not in (2, 3):
+        channels_ok = photo.ndim == 2 or (photo.ndim == 3 and photo.shape[2] in (3, 4))
+        if photo.dtype != np.uint8 or not channels_ok:
             raise ImageReadError(
                 f"expected an HxW or HxWxC uint8 array, got {photo.dtype} {photo.shape}"
             )
@@ -87,16 +88,43 @@ def load_image(photo: str | Path | Image.Image | np.ndarray) -> Image.Image:
         raise ImageReadError(f"expected a path, PIL image or numpy array, got {type(photo)}")
     else:
         photo = ImageOps.exif_transpose(photo)
-    return photo if photo.mode == "RGB" else photo.convert("RGB")
+    return to_rgb(photo)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; 16-bit and float images are scaled, not clipped to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = values.max(initial=0)
+        if image.mode.startswith("I;16") or peak > 255:
+            top = 65535.0  # 16-bit samples (a 16-bit PNG loads as I;16 or I)
+        elif image.mode == "F" and peak <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        else:
+            top = 255.0
+        values = np.clip(values / top * 255.0, 0, 255)
+        image = Image.fromarray(values.round().astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def similarity_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
-    """Least-median-of-squares similarity transform from 5 landmarks onto TEMPLATE * size."""
-    target = TEMPLATE * size
-    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), target, method=cv2.LMEDS)
-    if matrix is None:
+    """Least-squares similarity transform (rotation, uniform scale, shift) from the 5 landmarks
+    onto TEMPLATE * size, in closed form (Umeyama 1991). All five points count: a robust fit
+    such as LMEDS keeps only three of five and lets the mouth drift."""
+    source = landmarks.astype(np.float64)
+    target = TEMPLATE.astype(np.float64) * size
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    source_centered, target_centered = source - source_mean, target - target_mean
+    source_variance = (source_centered**2).sum() / len(source)
+    if source_variance < 1e-6:
         raise FaceNotFoundError("the face landmarks are degenerate")
-    return matrix
+    covariance = target_centered.T @ source_centered / len(source)
+    u, singular, vt = np.linalg.svd(covariance)
+    reflection = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
+    rotation = u @ reflection @ vt
+    scale = np.trace(np.diag(singular) @ reflection) / source_variance
+    shift = target_mean - scale * rotation @ source_mean
+    return np.hstack([scale * rotation, shift[:, None]]).astype(np.float32)
 
 
 def warp_face(rgb: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
@@ -126,6 +154,12 @@ class FaceAligner:
     def __call__(self, photo: str | Path | Image.Image | np.ndarray) -> AlignedFace:
         """The largest face of the photo, aligned; FaceNotFoundError when there is none."""
         image = load_image(photo)
+        if min(image.size) < self.mtcnn.min_face_size:
+            raise FaceNotFoundError(
+                f"no face found: the image ({image.width}x{image.height} px) "
+                f"is smaller than the smallest detectable face "
+                f"({self.mtcnn.min_face_size} px)"
+            )
         rgb = np.asarray(image)
         with torch.inference_mode():
             boxes, probs, points = self.mtcnn.detect(rgb, landmarks=True)

@@ -104,7 +104,14 @@ def prepare(
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker) as pool:
         results = pool.imap(_align_one, paths, chunksize=8)  # in order: labels stay with images
-        bar = tqdm(results, total=len(paths), desc="align", unit="img", disable=not progress)
+        bar = tqdm(
+            results,
+            total=len(paths),
+            desc="align",
+            unit="img",
+            disable=not progress,
+            mininterval=1.0,
+        )
         for index, (face, reason) in enumerate(bar):
             if face is None:
                 rejected[reason] = rejected.get(reason, 0) + 1

@@ -94,14 +94,7 @@ def test_similarity_matrix_is_exact_on_a_similar_face():
     "name",
     [
         "astronaut",
-        pytest.param(
-            "grace_hopper",
-            marks=pytest.mark.xfail(
-                reason="LMEDS fits 3 of the 5 landmarks and ignores the mouth: 2.9 px off "
-                "where a least-squares similarity is within 1.3 px of every landmark",
-                strict=True,
-            ),
-        ),
+        "grace_hopper",
         "camera",
     ],
 )
@@ -200,9 +193,6 @@ def test_no_face_raises(aligner, photo):
     assert issubclass(FaceNotFoundError, ValueError)
 
 
-@pytest.mark.xfail(
-    reason="images under 20 px raise torch.cat's ValueError from inside MTCNN", strict=True
-)
 def test_tiny_image_raises_face_not_found(aligner):
     with pytest.raises(FaceNotFoundError):
         aligner(np.zeros((19, 19, 3), np.uint8))
@@ -226,20 +216,12 @@ def test_array_of_wrong_dtype_raises():
         load_image(np.zeros((64, 64, 3), np.float32))
 
 
-@pytest.mark.xfail(
-    reason="load_image checks ndim only: HxWx1 raises Pillow's TypeError, HxWx2 passes as LA",
-    strict=True,
-)
 @pytest.mark.parametrize("channels", [1, 2])
 def test_array_with_odd_channel_count_raises(channels):
     with pytest.raises(ImageReadError):
         load_image(np.zeros((64, 64, channels), np.uint8))
 
 
-@pytest.mark.xfail(
-    reason="16-bit images are clipped to white by convert('RGB'), so no face is found",
-    strict=True,
-)
 def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path, aligner, camera):
     path = tmp_path / "camera16.png"
     Image.fromarray(camera.astype(np.uint16) * 257).save(path)
