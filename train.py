@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     options_class, train = STAGES[args.pop("stage")]
     dry_run = args.pop("dry_run")
     options = options_class(**args)
-    if options.precision not in ("fp32", "bf16", "fp16"):
-        parser.error(f"--precision must be fp32, bf16 or fp16, not {options.precision}")
+    if options.precision not in ("fp32", "bf16"):
+        parser.error(f"--precision must be fp32 or bf16, not {options.precision}")
     if dry_run:
         print(json.dumps(dataclasses.asdict(options), indent=2))
         return 0

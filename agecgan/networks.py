@@ -50,7 +50,7 @@ class UpsampleConv2d(nn.Module):
     The same function and parameters as nn.Upsample(2) + nn.Conv2d(k=5, padding=2), but each of
     the four output phases only ever sees 3x3 distinct input pixels, so it runs as one 3x3
     convolution on the small input with 4x the output channels and a pixel shuffle: 25/9 fewer
-    multiply-adds. The 3x3 phase kernels are sums of the 5x5 weights, rebuilt at each call.
+    multiply-adds. The 3x3 phase kernels are sums of the 5x5 weights.
     """
 
     # For output phase a (even, odd) along one axis: which of the 5 taps fall on input p-1, p, p+1.
@@ -68,13 +68,33 @@ class UpsampleConv2d(nn.Module):
         self.weight = nn.Parameter(reference.weight.detach().clone())  # (out, in, 5, 5)
         self.bias = nn.Parameter(reference.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._cached: tuple | None = None  # (key, kernel, bias) for inference
+
+    def phase_kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (4 * out, in, 3, 3) kernel and (4 * out,) bias that the forward pass applies."""
         out_channels, in_channels = self.weight.shape[:2]
         taps = self._TAP_SUMS.to(self.weight)
         # (out, phase_row, phase_col, in, 3, 3), in the channel order pixel_shuffle expects
         kernel = torch.einsum("aij,ocjl,bkl->oabcik", taps, self.weight, taps)
-        kernel = kernel.reshape(out_channels * 4, in_channels, 3, 3)
-        bias = self.bias.repeat_interleave(4)
+        return kernel.reshape(out_channels * 4, in_channels, 3, 3), self.bias.repeat_interleave(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training, or gradients to z through a frozen G
+            kernel, bias = self.phase_kernels()
+        else:
+            # Inference: rebuild the kernels only when the weights change (an optimizer step or
+            # a load bumps their version), since at batch 1 rebuilding would dominate the time.
+            key = (
+                self.weight._version,
+                self.bias._version,
+                self.weight.data_ptr(),
+                self.weight.dtype,
+                self.weight.device,
+            )
+            if self._cached is None or self._cached[0] != key:
+                with torch.no_grad():
+                    self._cached = (key, *self.phase_kernels())
+            kernel, bias = self._cached[1:]
         return nn.functional.pixel_shuffle(nn.functional.conv2d(x, kernel, bias, padding=1), 2)
 
     def extra_repr(self) -> str:

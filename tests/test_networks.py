@@ -76,3 +76,23 @@ def test_config_round_trip_and_custom_widths():
     G = Generator(config)
     assert G(torch.randn(2, 100), torch.eye(6)[:2]).shape == (2, 3, 64, 64)
     assert count_trainable(G) < 100_000
+
+
+def test_inference_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    layer = UpsampleConv2d(4, 3)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        before = layer(x)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()
+    optimizer.step()
+    with torch.inference_mode():
+        after = layer(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, layer(x), atol=1e-6)  # the cached kernel is the fresh one
+    # Gradients to the input through a frozen layer never use inference-mode tensors.
+    layer.requires_grad_(False)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None
