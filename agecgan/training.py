@@ -204,6 +204,16 @@ def epoch_batches(
     return batches
 
 
+def total_steps_of(options: RunOptions, steps_per_epoch: int) -> int:
+    total = options.epochs * steps_per_epoch
+    return min(total, options.max_steps) if options.max_steps else total
+
+
+def progress_bar(stage: str, step: int, total: int, options: RunOptions, runtime: Runtime) -> tqdm:
+    enabled = options.progress and runtime.is_main
+    return tqdm(total=total, initial=step, unit="step", desc=stage, disable=not enabled)
+
+
 def save_grid(rows: list[torch.Tensor], path: Path) -> np.ndarray:
     """Save faces as a grid: each row a (C, 3, H, W) batch in [-1, 1]. Returns the uint8 image."""
     grid = torch.cat([torch.cat(list(to_uint8(row.cpu())), dim=1) for row in rows], dim=0)
@@ -310,19 +320,11 @@ def train_gan(options: GanOptions) -> TrainResult:
             f"{len(dataset)} training faces cannot fill one batch of "
             f"{options.batch_size} x {runtime.world_size} processes"
         )
-    total_steps = options.epochs * steps_per_epoch
-    if options.max_steps:
-        total_steps = min(total_steps, options.max_steps)
+    total_steps = total_steps_of(options, steps_per_epoch)
     sample_z = fixed_sample_noise(config, options.sample_columns, options.seed).to(runtime.device)
     memory_format = memory_format_of(options)
     logger = Logger(run_dir, runtime.is_main)
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        unit="step",
-        desc="gan",
-        disable=not (options.progress and runtime.is_main),
-    )
+    bar = progress_bar("gan", step, total_steps, options, runtime)
     B = options.batch_size
 
     def save_state() -> None:
@@ -527,19 +529,11 @@ def train_encoder(options: EncoderOptions) -> TrainResult:
     steps_per_epoch = options.pairs // (options.batch_size * runtime.world_size)
     if steps_per_epoch == 0:
         raise ValueError(f"{options.pairs} pairs cannot fill one batch")
-    total_steps = options.epochs * steps_per_epoch
-    if options.max_steps:
-        total_steps = min(total_steps, options.max_steps)
+    total_steps = total_steps_of(options, steps_per_epoch)
 
     grid_inputs = encoder_grid_inputs(options, G, config, runtime.device)
     logger = Logger(run_dir, runtime.is_main)
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        unit="step",
-        desc="encoder",
-        disable=not (options.progress and runtime.is_main),
-    )
+    bar = progress_bar("encoder", step, total_steps, options, runtime)
     B = options.batch_size
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)

@@ -10,7 +10,7 @@ from agecgan.networks import Generator
 from agecgan.training import GanOptions, train_gan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import TINY  # noqa: E402
+from helpers import TINY  # noqa: E402
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 rank = int(os.environ["RANK"])

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import TINY
 from torch import nn
 
 from agecgan import AgeCGANConfig, Discriminator, Encoder, Generator
@@ -65,13 +66,7 @@ def test_networks_reject_wrong_shapes():
 
 
 def test_config_round_trip_and_custom_widths():
-    config = AgeCGANConfig(
-        encoder_widths=(4, 8, 8, 8),
-        encoder_hidden=16,
-        generator_hidden=16,
-        generator_widths=(8, 8, 4),
-        discriminator_widths=(4, 8, 8, 8),
-    )
+    config = TINY
     assert AgeCGANConfig.from_dict(config.to_dict()) == config
     G = Generator(config)
     assert G(torch.randn(2, 100), torch.eye(6)[:2]).shape == (2, 3, 64, 64)

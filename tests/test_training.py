@@ -11,22 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 from PIL import Image
 from safetensors.torch import load_file
 
-from agecgan import AgeCGANConfig
 from agecgan.checkpoints import load_network, load_training_state
 from agecgan.prepare import save_cache
 from agecgan.training import EncoderOptions, GanOptions, train_encoder, train_gan
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = AgeCGANConfig(
-    encoder_widths=(4, 8, 8, 8),
-    encoder_hidden=16,
-    generator_hidden=16,
-    generator_widths=(8, 8, 4),
-    discriminator_widths=(4, 8, 8, 8),
-)
 
 
 @pytest.fixture(scope="module")
