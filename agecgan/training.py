@@ -74,6 +74,7 @@ class GanOptions(RunOptions):
     real_label: float = 0.9  # one-sided label smoothing on real faces, as the recipe
     fake_label: float = 0.0  # the recipe's fake labels (its zeros * 0.1 is 0)
     hflip: bool = False  # random horizontal flips of real faces (not in the recipe)
+    keras_modes: bool = False  # literal Keras: fakes for D from G in eval mode, D frozen in eval
     config: dict = field(default_factory=lambda: AgeCGANConfig().to_dict())
 
 
@@ -416,10 +417,13 @@ def gan_step(
     memory_format = memory_format_of(options)
     z = torch.randn(B, G.config.z_dim, generator=noise).to(device)
 
-    # D learns real faces of their true ages against G's faces for the same ages. The recipe
-    # makes those with G.predict: inference mode, no dropout, running statistics.
+    # D learns real faces of their true ages against G's faces for the same ages. Both networks
+    # stay in training mode (batch statistics, dropout) in both halves of the step. Keras' G.predict
+    # and frozen D would use running statistics instead (--keras-modes): measured here, D then
+    # judges faces that G's training never sees, G's loss falls to 0 while D wins, and no face
+    # forms in 200 steps (README, "Training").
+    G.train(not options.keras_modes)
     with torch.no_grad(), autocast(runtime, options.precision):
-        G.eval()
         fake = G(z, y).float().contiguous(memory_format=memory_format)
     D_ddp.train()
     d_losses = []
@@ -431,10 +435,10 @@ def gan_step(
         optimizer_d.step()  # one update per batch, as the recipe's two train_on_batch calls
         d_losses.append(d_loss.item())
 
-    # G learns to fool the frozen D on fresh z and random ages. Keras freezes D's batch norm
-    # too (running statistics); D gets no weight gradients and no DDP sync here.
+    # G learns to fool the frozen D on fresh z and random ages: D gets no weight gradients and
+    # no DDP sync here.
     G_ddp.train()
-    D.eval()
+    D.train(not options.keras_modes)
     D.requires_grad_(False)
     z = torch.randn(B, G.config.z_dim, generator=noise).to(device)
     y_random = random_ages(B, noise).to(device)
