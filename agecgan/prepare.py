@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +186,15 @@ class FaceDataset:
             raise FileNotFoundError(
                 f"no prepared dataset at {path}: run `python -m agecgan prepare` first"
             )
-        with np.load(path, allow_pickle=False) as cache:
-            arrays = {key: cache[key] for key in ("images", "ages", "buckets", "split", "names")}
+        try:
+            with np.load(path, allow_pickle=False) as cache:
+                arrays = {
+                    key: cache[key] for key in ("images", "ages", "buckets", "split", "names")
+                }
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+            raise ValueError(
+                f"corrupt dataset {path} ({error}): run `python -m agecgan prepare` again"
+            ) from error
         lengths = {key: len(value) for key, value in arrays.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"corrupt dataset {path}: arrays of different lengths {lengths}")

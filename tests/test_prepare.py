@@ -178,3 +178,24 @@ def test_cli_wiki_prints_rules_and_finds_nothing_to_prepare(tmp_path):
     rule = next(line for line in result.stdout.splitlines() if "no face found" in line)
     assert "18,016" in rule
     assert not (tmp_path / "faces.npz").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing-array"])
+def test_corrupt_cache_is_a_clear_error(tmp_path, damage):
+    arrays = dict(
+        images=np.zeros((3, 64, 64, 3), np.uint8),
+        ages=np.array([20, 30, 40], np.int16),
+        buckets=np.array([1, 2, 3], np.int8),
+        split=np.zeros(3, np.int8),
+        names=np.array(["a.jpg", "b.jpg", "c.jpg"]),
+    )
+    if damage == "missing-array":
+        del arrays["ages"]
+    save_cache(tmp_path / "faces.npz", **arrays)
+    data = (tmp_path / "faces.npz").read_bytes()
+    if damage == "truncated":
+        (tmp_path / "faces.npz").write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        (tmp_path / "faces.npz").write_bytes(b"not a zip file" * 100)
+    with pytest.raises(ValueError, match="corrupt dataset.*prepare"):
+        FaceDataset.load(tmp_path, split=None)
