@@ -9,6 +9,7 @@ from agecgan.align import (
     align_face,
     load_image,
 )
+from agecgan.face_recognition import FaceRecognizer
 from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Encoder",
     "FaceAligner",
     "FaceNotFoundError",
+    "FaceRecognizer",
     "Generator",
     "ImageReadError",
     "age_to_bucket",
