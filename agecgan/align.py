@@ -107,24 +107,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def similarity_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
-    """Least-squares similarity transform (rotation, uniform scale, shift) from the 5 landmarks
-    onto TEMPLATE * size, in closed form (Umeyama 1991). All five points count: a robust fit
-    such as LMEDS keeps only three of five and lets the mouth drift."""
-    source = landmarks.astype(np.float64)
-    target = TEMPLATE.astype(np.float64) * size
-    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
-    source_centered, target_centered = source - source_mean, target - target_mean
-    source_variance = (source_centered**2).sum() / len(source)
-    if source_variance < 1e-6:
+def fit_similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The (2, 3) least-squares similarity transform (rotation, uniform scale, shift, no
+    reflection) taking points `source` onto `target`, in closed form."""
+    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
+    zs = (source - source.mean(0)) @ np.array([1, 1j])
+    zt = (target - target.mean(0)) @ np.array([1, 1j])
+    if np.vdot(zs, zs).real < 1e-6:
         raise FaceNotFoundError("the face landmarks are degenerate")
-    covariance = target_centered.T @ source_centered / len(source)
-    u, singular, vt = np.linalg.svd(covariance)
-    reflection = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
-    rotation = u @ reflection @ vt
-    scale = np.trace(np.diag(singular) @ reflection) / source_variance
-    shift = target_mean - scale * rotation @ source_mean
-    return np.hstack([scale * rotation, shift[:, None]]).astype(np.float32)
+    c = np.vdot(zs, zt) / np.vdot(zs, zs)  # rotation and scale as one complex number
+    linear = np.array([[c.real, -c.imag], [c.imag, c.real]])
+    return np.c_[linear, target.mean(0) - linear @ source.mean(0)]
+
+
+def similarity_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """Photo -> crop matrix taking the 5 landmarks onto TEMPLATE * size by least squares. All
+    five points count: a robust fit such as LMEDS keeps three of five and lets the mouth drift."""
+    return fit_similarity(landmarks, TEMPLATE * size).astype(np.float32)
 
 
 def warp_face(rgb: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agecgan.align import FACE_SIZE, SUPERSAMPLE, TEMPLATE
+from agecgan.align import FACE_SIZE, SUPERSAMPLE, TEMPLATE, fit_similarity
 
 EMBEDDING_SIZE = 128
 SAME_PERSON_THRESHOLD = 0.6  # dlib's threshold on the Euclidean distance of two embeddings
@@ -69,16 +69,6 @@ def chip_points(points: np.ndarray, size: int = CHIP_SIZE, padding: float = CHIP
     Continuous coordinates in which pixel i spans [i, i + 1): dlib samples chip pixel i at
     about i + 0.5 (chip_matrix has the exact geometry)."""
     return (np.asarray(points, dtype=np.float64) + padding) / (1 + 2 * padding) * size
-
-
-def fit_similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The (2, 3) least-squares similarity transform source -> target, in closed form."""
-    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
-    zs = (source - source.mean(0)) @ np.array([1, 1j])
-    zt = (target - target.mean(0)) @ np.array([1, 1j])
-    c = np.vdot(zs, zt) / np.vdot(zs, zs)  # rotation and scale as one complex number
-    linear = np.array([[c.real, -c.imag], [c.imag, c.real]])
-    return np.c_[linear, target.mean(0) - linear @ source.mean(0)]
 
 
 def chip_matrix(landmarks: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray:
