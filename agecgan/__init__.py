@@ -10,6 +10,7 @@ from agecgan.align import (
     load_image,
 )
 from agecgan.face_recognition import FaceRecognizer
+from agecgan.identity import optimize_latent
 from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "align_face",
     "load_image",
     "one_hot",
+    "optimize_latent",
 ]

@@ -1,0 +1,80 @@
+"""Stage 3 per image: optimize_latent on a real photo with the real face-recognition network."""
+
+import numpy as np
+import pytest
+import torch
+
+from agecgan import Encoder, FaceRecognizer, Generator, one_hot
+from agecgan.face_recognition import distance
+from agecgan.identity import optimize_latent
+from agecgan.prepare import to_model_range
+
+
+@pytest.fixture(scope="module")
+def setup(aligner, astronaut):
+    """Untrained recipe-sized E and G (no weights ship yet), the real FR, a real aligned face."""
+    torch.manual_seed(0)
+    E, G = Encoder().eval(), Generator().eval()
+    FR = FaceRecognizer.from_pretrained()
+    x = to_model_range(torch.from_numpy(np.asarray(aligner(astronaut).image))[None])
+    y = one_hot(torch.tensor([2]))  # Eileen Collins was in her thirties
+    return E, G, FR, x, y
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_identity_optimization_lowers_the_identity_distance(setup, optimizer):
+    E, G, FR, x, y = setup
+    calls = []
+    result = optimize_latent(
+        G,
+        x,
+        y,
+        E=E,
+        FR=FR,
+        steps=5,
+        lr=0.05 if optimizer == "adam" else 1,
+        optimizer=optimizer,
+        progress=lambda *args: calls.append(args),
+    )
+    with torch.no_grad():
+        before = distance(FR(x), FR(G(result.z0, y)))
+        after = distance(FR(x), FR(G(result.z, y)))
+    assert after < before
+    assert result.losses[-1] < result.losses[0]
+    assert [c[:2] for c in calls] == [(i, 5) for i in range(1, 6)]
+
+
+def test_pixelwise_objective_lowers_the_pixel_error(setup):
+    E, G, _, x, y = setup
+    result = optimize_latent(G, x, y, E=E, objective="pixelwise", steps=5, lr=0.05)
+    with torch.no_grad():
+        before = (G(result.z0, y) - x).pow(2).sum()
+        after = (G(result.z, y) - x).pow(2).sum()
+    assert after < before
+
+
+def test_networks_are_untouched_and_modes_restored(setup):
+    E, G, FR, x, y = setup
+    G.train()
+    weights = {k: v.clone() for k, v in G.state_dict().items()}
+    optimize_latent(G, x, y, E=E, FR=FR, steps=2)
+    assert G.training and not E.training
+    assert all(torch.equal(weights[k], v) for k, v in G.state_dict().items())
+    assert all(p.requires_grad for p in G.parameters())
+    G.eval()
+
+
+def test_seeded_noise_is_deterministic_and_bad_arguments_are_refused(setup):
+    E, G, FR, x, y = setup
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return optimize_latent(G, x, y, E=E, FR=FR, steps=1, init_noise=0.1, generator=generator).z
+
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+    with pytest.raises(ValueError, match="needs FR"):
+        optimize_latent(G, x, y, E=E)
+    with pytest.raises(ValueError, match="objective"):
+        optimize_latent(G, x, y, E=E, objective="vgg")
+    with pytest.raises(ValueError, match="encoder E or a starting z0"):
+        optimize_latent(G, x, y, FR=FR)
