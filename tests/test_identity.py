@@ -16,7 +16,7 @@ def setup(aligner, astronaut):
     torch.manual_seed(0)
     E, G = Encoder().eval(), Generator().eval()
     FR = FaceRecognizer.from_pretrained()
-    x = to_model_range(torch.from_numpy(np.asarray(aligner(astronaut).image))[None])
+    x = to_model_range(torch.from_numpy(np.array(aligner(astronaut).image))[None])
     y = one_hot(torch.tensor([2]))  # Eileen Collins was in her thirties
     return E, G, FR, x, y
 
