@@ -1,4 +1,4 @@
-"""Train Age-cGAN: `python train.py gan ...` (stage 1), `python train.py encoder ...` (stage 2).
+"""Train Age-cGAN: `python train.py gan|encoder|identity ...` (stages 1, 2 and 3).
 
 Every option of a stage is a field of its options dataclass in agecgan/training.py, whose
 comment is the help text here. Run under torchrun for several processes, e.g.
@@ -12,9 +12,20 @@ import json
 import re
 import sys
 
-from agecgan.training import EncoderOptions, GanOptions, train_encoder, train_gan
+from agecgan.training import (
+    EncoderOptions,
+    GanOptions,
+    IdentityOptions,
+    train_encoder,
+    train_gan,
+    train_identity,
+)
 
-STAGES = {"gan": (GanOptions, train_gan), "encoder": (EncoderOptions, train_encoder)}
+STAGES = {
+    "gan": (GanOptions, train_gan),
+    "encoder": (EncoderOptions, train_encoder),
+    "identity": (IdentityOptions, train_identity),
+}
 
 
 def field_comments(options_class: type) -> dict[str, str]:

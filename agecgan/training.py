@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +26,13 @@ from tqdm import tqdm
 
 from agecgan.ages import NUM_BUCKETS, one_hot
 from agecgan.checkpoints import (
+    NETWORK_FILES,
     export_model,
     load_network,
     load_training_state,
     save_training_state,
 )
+from agecgan.face_recognition import FaceRecognizer
 from agecgan.losses import adversarial_loss, euclidean_loss
 from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator
 from agecgan.prepare import FaceDataset, to_model_range, to_uint8
@@ -89,6 +92,21 @@ class EncoderOptions(RunOptions):
     beta1: float = 0.9
     beta2: float = 0.999
     data: str = ""  # optional prepared dataset: its test faces fill the sample grid
+
+
+@dataclass
+class IdentityOptions(RunOptions):
+    """Stage 3 as the recipe trains it: fine-tune E so that FR sees x's person in G(E(x), y)."""
+
+    model: str = ""  # model folder with encoder and generator (a stage-2 run's <run>/model)
+    data: str = "data/utkface"  # prepared dataset folder: its train split
+    fr_weights: str = ""  # face-recognition weights (default: the shipped dlib ResNet)
+    batch_size: int = 32  # FR's forward and backward dominate the cost
+    epochs: int = 1
+    lr: float = 2e-4  # the recipe's Adam for this stage
+    beta1: float = 0.5
+    beta2: float = 0.999
+    train_generator: bool = False  # also fine-tune G's weights (the recipe tunes E only)
 
 
 # ---- shared machinery ---------------------------------------------------------------------
@@ -274,6 +292,78 @@ def age_rows(G: nn.Module, z: torch.Tensor) -> list[torch.Tensor]:
     return [row.float() for row in rows]
 
 
+def begin_run(options: RunOptions, stage: str) -> tuple[Runtime, Path]:
+    """Start the process group (under torchrun), make the run folder, seed, write the options."""
+    runtime = start_runtime(options)
+    run_dir = make_run_dir(options, stage)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)  # identical initial weights on every rank
+    if runtime.is_main:
+        write_options(run_dir, stage, options, runtime)
+    return runtime, run_dir
+
+
+def run_steps(
+    stage: str,
+    options: RunOptions,
+    runtime: Runtime,
+    run_dir: Path,
+    *,
+    num_items: int,
+    step: int,
+    train_step: Callable[[torch.Tensor], dict[str, float]],
+    sample_rows: Callable[[], list[torch.Tensor]],
+    state: Callable[[], dict],
+) -> int:
+    """The loop every stage shares; returns the final step.
+
+    Each step, train_step gets this process's item indices and returns its losses; every
+    log_every steps they go to TensorBoard with images/s, every sample_every steps
+    sample_rows() becomes a grid, every save_every steps state() (called on every rank, so it
+    may gather) is saved atomically with the step. A resumed run skips the batches of the
+    current epoch that it already trained on.
+    """
+    global_batch = options.batch_size * runtime.world_size
+    steps_per_epoch = num_items // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_items} training items cannot fill one batch of {options.batch_size} x "
+            f"{runtime.world_size} processes"
+        )
+    total = total_steps_of(options, steps_per_epoch)
+    logger = Logger(run_dir, runtime.is_main)
+    bar = progress_bar(stage, step, total, options, runtime)
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
+        for indices in epoch_batches(num_items, options.batch_size, epoch, options.seed, runtime)[
+            skip:
+        ]:
+            if step >= total:
+                break
+            started = time.perf_counter()
+            losses = train_step(indices)
+            step += 1
+            speed = global_batch / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(
+                {name.split("/")[-1]: f"{value:.3f}" for name, value in losses.items()}
+                | {"img_s": f"{speed:.0f}"}
+            )
+            if step % options.log_every == 0:
+                logger.scalars(step, **losses, **{"speed/images_per_s": speed, "epoch": epoch})
+            if runtime.is_main and (step % options.sample_every == 0 or step == total):
+                grid = save_grid(sample_rows(), run_dir / "samples" / f"{step:07d}.png")
+                logger.image(step, "samples", grid)
+            if step % options.save_every == 0 or step == total:
+                contents = state()
+                if runtime.is_main:
+                    contents |= {"step": step, "options": json.dumps(dataclasses.asdict(options))}
+                    save_training_state(run_dir / STATE_NAME, contents)
+    bar.close()
+    logger.close()
+    return step
+
+
 # ---- stage 1: conditional GAN ---------------------------------------------------------------
 
 
@@ -287,19 +377,13 @@ class TrainResult:
 
 def train_gan(options: GanOptions) -> TrainResult:
     """Train G and D; returns the folder of the finished weights and the networks."""
-    runtime = start_runtime(options)
-    run_dir = make_run_dir(options, "gan")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(options.seed)  # identical initial weights on every rank
+    runtime, run_dir = begin_run(options, "gan")
     config = AgeCGANConfig.from_dict(options.config)
     G = prepare_network(Generator(config), runtime, options)
     D = prepare_network(Discriminator(config), runtime, options)
-    optimizer_g = torch.optim.Adam(
-        G.parameters(), options.lr_g, betas=(options.beta1, options.beta2)
-    )
-    optimizer_d = torch.optim.Adam(
-        D.parameters(), options.lr_d, betas=(options.beta1, options.beta2)
-    )
+    betas = (options.beta1, options.beta2)
+    optimizer_g = torch.optim.Adam(G.parameters(), options.lr_g, betas=betas)
+    optimizer_d = torch.optim.Adam(D.parameters(), options.lr_d, betas=betas)
     noise = seeded_noise(options.seed, runtime.rank)
     step = 0
     if options.resume:
@@ -311,82 +395,42 @@ def train_gan(options: GanOptions) -> TrainResult:
         restore_random_states(state["random"], noise, runtime)
         step = state["step"]
     G_ddp, D_ddp = wrap_distributed(G, runtime), wrap_distributed(D, runtime)
-    if runtime.is_main:
-        write_options(run_dir, "gan", options, runtime)
-
     dataset = FaceDataset.load(options.data, split="train")
-    steps_per_epoch = len(dataset) // (options.batch_size * runtime.world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{len(dataset)} training faces cannot fill one batch of "
-            f"{options.batch_size} x {runtime.world_size} processes"
-        )
-    total_steps = total_steps_of(options, steps_per_epoch)
     sample_z = fixed_sample_noise(config, options.sample_columns, options.seed).to(runtime.device)
     memory_format = memory_format_of(options)
-    logger = Logger(run_dir, runtime.is_main)
-    bar = progress_bar("gan", step, total_steps, options, runtime)
-    B = options.batch_size
 
-    def save_state() -> None:
-        random_states = gather_random_states(noise, runtime)
-        if runtime.is_main:
-            save_training_state(
-                run_dir / STATE_NAME,
-                {
-                    "generator": G.state_dict(),
-                    "discriminator": D.state_dict(),
-                    "optimizer_g": optimizer_g.state_dict(),
-                    "optimizer_d": optimizer_d.state_dict(),
-                    "random": random_states,
-                    "step": step,
-                    "options": json.dumps(dataclasses.asdict(options)),
-                },
-            )
+    def train_step(indices: torch.Tensor) -> dict[str, float]:
+        x = to_model_range(dataset.images[indices]).to(runtime.device)  # (B, 3, 64, 64)
+        if options.hflip:
+            flip = torch.rand(len(x), generator=noise) < 0.5
+            x[flip] = x[flip].flip(3)
+        x = x.contiguous(memory_format=memory_format)
+        y = one_hot(dataset.buckets[indices]).to(runtime.device)  # (B, 6) true ages
+        d_losses, g_loss = gan_step(
+            G, D, G_ddp, D_ddp, optimizer_g, optimizer_d, x, y, noise, options, runtime
+        )
+        return {"loss/d_real": d_losses[0], "loss/d_fake": d_losses[1], "loss/g": g_loss}
 
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        for indices in epoch_batches(len(dataset), B, epoch, options.seed, runtime)[skip:]:
-            if step >= total_steps:
-                break
-            started = time.perf_counter()
-            x = to_model_range(dataset.images[indices]).to(runtime.device)  # (B, 3, 64, 64)
-            if options.hflip:
-                flip = torch.rand(B, generator=noise) < 0.5
-                x[flip] = x[flip].flip(3)
-            x = x.contiguous(memory_format=memory_format)
-            y = one_hot(dataset.buckets[indices]).to(runtime.device)  # (B, 6) true ages
-            d_losses, g_loss = gan_step(
-                G, D, G_ddp, D_ddp, optimizer_g, optimizer_d, x, y, noise, options, runtime
-            )
+    def state() -> dict:
+        return {
+            "generator": G.state_dict(),
+            "discriminator": D.state_dict(),
+            "optimizer_g": optimizer_g.state_dict(),
+            "optimizer_d": optimizer_d.state_dict(),
+            "random": gather_random_states(noise, runtime),
+        }
 
-            step += 1
-            images_per_second = B * runtime.world_size / (time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(
-                d_real=f"{d_losses[0]:.3f}",
-                d_fake=f"{d_losses[1]:.3f}",
-                g=f"{g_loss:.3f}",
-                img_s=f"{images_per_second:.0f}",
-            )
-            if step % options.log_every == 0:
-                logger.scalars(
-                    step,
-                    **{
-                        "loss/d_real": d_losses[0],
-                        "loss/d_fake": d_losses[1],
-                        "loss/g": g_loss,
-                        "speed/images_per_s": images_per_second,
-                        "epoch": epoch,
-                    },
-                )
-            if runtime.is_main and (step % options.sample_every == 0 or step == total_steps):
-                grid = save_grid(age_rows(G, sample_z), run_dir / "samples" / f"{step:07d}.png")
-                logger.image(step, "samples", grid)
-            if step % options.save_every == 0 or step == total_steps:
-                save_state()
-    bar.close()
-    logger.close()
+    run_steps(
+        "gan",
+        options,
+        runtime,
+        run_dir,
+        num_items=len(dataset),
+        step=step,
+        train_step=train_step,
+        sample_rows=lambda: age_rows(G, sample_z),
+        state=state,
+    )
     sync_buffers(G, runtime)
     sync_buffers(D, runtime)
     model_dir = run_dir / MODEL_DIR
@@ -505,13 +549,10 @@ def train_encoder(options: EncoderOptions) -> TrainResult:
     """Train E to invert a frozen G; returns the model folder (E plus the G and D used)."""
     if not options.generator:
         raise ValueError("stage 2 needs --generator: the model folder of a stage-1 run")
-    runtime = start_runtime(options)
-    run_dir = make_run_dir(options, "encoder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(options.seed)
+    runtime, run_dir = begin_run(options, "encoder")
     G = prepare_network(load_network(options.generator, "generator"), runtime, options)
     G.requires_grad_(False)
-    G.eval()  # the recipe's G.predict: inference mode
+    G.eval()  # frozen: running statistics, no dropout
     config = G.config
     E = prepare_network(Encoder(config), runtime, options)
     optimizer = torch.optim.Adam(E.parameters(), options.lr, betas=(options.beta1, options.beta2))
@@ -522,65 +563,38 @@ def train_encoder(options: EncoderOptions) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
     E_ddp = wrap_distributed(E, runtime)
-    if runtime.is_main:
-        write_options(run_dir, "encoder", options, runtime)
 
     # The (z, y) pairs are drawn once from the seed, so every epoch and every resume sees the
     # same set; G's faces are made batch by batch (storing 100,000 faces would take 5 GB).
     pair_source = torch.Generator().manual_seed(options.seed + 2)
     all_z = torch.randn(options.pairs, config.z_dim, generator=pair_source)
     all_y = random_ages(options.pairs, pair_source)
-    steps_per_epoch = options.pairs // (options.batch_size * runtime.world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{options.pairs} pairs cannot fill one batch")
-    total_steps = total_steps_of(options, steps_per_epoch)
-
     grid_inputs = encoder_grid_inputs(options, G, config, runtime.device)
-    logger = Logger(run_dir, runtime.is_main)
-    bar = progress_bar("encoder", step, total_steps, options, runtime)
-    B = options.batch_size
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        for indices in epoch_batches(options.pairs, B, epoch, options.seed, runtime)[skip:]:
-            if step >= total_steps:
-                break
-            started = time.perf_counter()
-            z, y = all_z[indices].to(runtime.device), all_y[indices].to(runtime.device)
-            loss = encoder_step(E_ddp, G, optimizer, z, y, options, runtime)
 
-            step += 1
-            images_per_second = B * runtime.world_size / (time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_second:.0f}")
-            if step % options.log_every == 0:
-                logger.scalars(
-                    step, **{"loss/euclidean": loss, "speed/images_per_s": images_per_second}
-                )
-            if runtime.is_main and (step % options.sample_every == 0 or step == total_steps):
-                grid = save_grid(
-                    reconstruction_rows(E, G, grid_inputs), run_dir / "samples" / f"{step:07d}.png"
-                )
-                logger.image(step, "samples", grid)
-            if (step % options.save_every == 0 or step == total_steps) and runtime.is_main:
-                save_training_state(
-                    run_dir / STATE_NAME,
-                    {
-                        "encoder": E.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "options": json.dumps(dataclasses.asdict(options)),
-                    },
-                )
-    bar.close()
-    logger.close()
+    def train_step(indices: torch.Tensor) -> dict[str, float]:
+        z, y = all_z[indices].to(runtime.device), all_y[indices].to(runtime.device)
+        return {"loss/euclidean": encoder_step(E_ddp, G, optimizer, z, y, options, runtime)}
+
+    def state() -> dict:
+        return {"encoder": E.state_dict(), "optimizer": optimizer.state_dict()}
+
+    run_steps(
+        "encoder",
+        options,
+        runtime,
+        run_dir,
+        num_items=options.pairs,
+        step=step,
+        train_step=train_step,
+        sample_rows=lambda: reconstruction_rows(E, G, grid_inputs),
+        state=state,
+    )
+    sync_buffers(E, runtime)
     model_dir = run_dir / MODEL_DIR
     if runtime.is_main:
-        D = (
-            load_network(options.generator, "discriminator")
-            if (Path(options.generator) / "discriminator.safetensors").exists()
-            else None
-        )
-        networks = {"encoder": E, "generator": G} | ({"discriminator": D} if D else {})
+        networks = {"encoder": E, "generator": G}
+        if (Path(options.generator) / NETWORK_FILES["discriminator"]).exists():
+            networks["discriminator"] = load_network(options.generator, "discriminator")
         export_model(model_dir, config, **networks)
     stop_runtime(runtime)
     return TrainResult(model_dir, {"encoder": E})
@@ -608,3 +622,80 @@ def reconstruction_rows(E: nn.Module, G: nn.Module, x: torch.Tensor) -> list[tor
     z = E(x).float()
     E.train(was_training)
     return [x.float(), *age_rows(G, z)]
+
+
+# ---- stage 3 (the recipe's form): identity-preserving fine-tuning ---------------------------
+
+
+def train_identity(options: IdentityOptions) -> TrainResult:
+    """Fine-tune E (and G with --train-generator) with the FR loss; returns a new model folder.
+
+    The loss is the recipe's: the mean Euclidean distance between FR(x) and
+    FR(G(E(x), y_x)) over real training faces x with their true ages y_x. The input model folder
+    is never written to: the improved weights go to <run>/model, beside the originals.
+    """
+    if not options.model:
+        raise ValueError("stage 3 needs --model: the model folder of a stage-2 run")
+    runtime, run_dir = begin_run(options, "identity")
+    E = prepare_network(load_network(options.model, "encoder"), runtime, options)
+    G = prepare_network(load_network(options.model, "generator"), runtime, options)
+    G.eval()  # running statistics, no dropout, even when its weights are tuned
+    G.requires_grad_(options.train_generator)
+    FR = FaceRecognizer.from_pretrained(options.fr_weights or None).to(runtime.device)
+    trained = {"encoder": E} | ({"generator": G} if options.train_generator else {})
+    parameters = [p for network in trained.values() for p in network.parameters()]
+    optimizer = torch.optim.Adam(parameters, options.lr, betas=(options.beta1, options.beta2))
+    step = 0
+    if options.resume:
+        state = load_training_state(run_dir / STATE_NAME, runtime.device)
+        for name, network in trained.items():
+            network.load_state_dict(state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    E_ddp = wrap_distributed(E, runtime)
+    G_ddp = wrap_distributed(G, runtime) if options.train_generator else G
+    dataset = FaceDataset.load(options.data, split="train")
+    test = FaceDataset.load(options.data, split="test")
+    grid_inputs = to_model_range(test.images[: options.sample_columns]).to(runtime.device)
+    memory_format = memory_format_of(options)
+
+    def train_step(indices: torch.Tensor) -> dict[str, float]:
+        x = to_model_range(dataset.images[indices]).to(runtime.device)
+        x = x.contiguous(memory_format=memory_format)  # (B, 3, 64, 64)
+        y = one_hot(dataset.buckets[indices]).to(runtime.device)
+        with torch.no_grad():
+            target = FR(x)  # (B, 128)
+        E_ddp.train()
+        with autocast(runtime, options.precision):
+            reconstruction = G_ddp(E_ddp(x), y)
+        loss = euclidean_loss(FR(reconstruction.float()), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss/identity": loss.item()}
+
+    def state() -> dict:
+        return {name: network.state_dict() for name, network in trained.items()} | {
+            "optimizer": optimizer.state_dict()
+        }
+
+    run_steps(
+        "identity",
+        options,
+        runtime,
+        run_dir,
+        num_items=len(dataset),
+        step=step,
+        train_step=train_step,
+        sample_rows=lambda: reconstruction_rows(E, G, grid_inputs),
+        state=state,
+    )
+    sync_buffers(E, runtime)
+    model_dir = run_dir / MODEL_DIR
+    if runtime.is_main:
+        networks = {"encoder": E, "generator": G}
+        if (Path(options.model) / NETWORK_FILES["discriminator"]).exists():
+            networks["discriminator"] = load_network(options.model, "discriminator")
+        export_model(model_dir, G.config, **networks)
+    stop_runtime(runtime)
+    return TrainResult(model_dir, trained)

@@ -1,5 +1,6 @@
 """Stages 1 and 2 end to end on tiny networks: outputs, exact resume, a killed run, torchrun."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,14 @@ from safetensors.torch import load_file
 
 from agecgan.checkpoints import load_network, load_training_state
 from agecgan.prepare import save_cache
-from agecgan.training import EncoderOptions, GanOptions, train_encoder, train_gan
+from agecgan.training import (
+    EncoderOptions,
+    GanOptions,
+    IdentityOptions,
+    train_encoder,
+    train_gan,
+    train_identity,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,3 +198,46 @@ def test_torchrun_two_processes_hold_identical_weights(tiny_data, tmp_path):
     # They trained: the weights moved away from the common initialisation.
     initial = ranks[0]["initial_generator"]
     assert any(not torch.equal(initial[k], ranks[0]["generator"][k]) for k in initial)
+
+
+def test_identity_stage_tunes_the_encoder_and_leaves_the_input_model_alone(tiny_data, tmp_path):
+    gan = train_gan(gan_options(tiny_data, tmp_path / "gan", max_steps=1))
+    encoder = train_encoder(
+        EncoderOptions(
+            generator=str(gan.model_dir),
+            run_dir=str(tmp_path / "enc"),
+            pairs=64,
+            batch_size=32,
+            epochs=1,
+            progress=False,
+        )
+    )
+    before = {p.name: p.read_bytes() for p in encoder.model_dir.iterdir()}
+    options = IdentityOptions(
+        model=str(encoder.model_dir),
+        data=str(tiny_data),
+        run_dir=str(tmp_path / "id"),
+        batch_size=8,
+        max_steps=3,
+        save_every=2,
+        sample_every=3,
+        sample_columns=2,
+        progress=False,
+    )
+    result = train_identity(options)
+    assert {p.name: p.read_bytes() for p in encoder.model_dir.iterdir()} == before
+    tuned = load_network(result.model_dir, "encoder")
+    original = load_network(encoder.model_dir, "encoder")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(tuned.state_dict().values(), original.state_dict().values(), strict=True)
+    )
+    same_generator = load_file(result.model_dir / "generator.safetensors")
+    original_generator = load_file(encoder.model_dir / "generator.safetensors")
+    assert all(torch.equal(same_generator[k], v) for k, v in original_generator.items())
+    assert Image.open(tmp_path / "id" / "samples" / "0000003.png").size == (2 * 64, 7 * 64)
+    resumed = train_identity(
+        IdentityOptions(**(dataclasses.asdict(options) | {"max_steps": 4, "resume": True}))
+    )
+    assert load_training_state(tmp_path / "id" / "state.pt")["step"] == 4
+    assert resumed.model_dir == result.model_dir
