@@ -183,9 +183,12 @@ def sync_buffers(network: nn.Module, runtime: Runtime) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def make_run_dir(options: RunOptions, stage: str) -> Path:
+def make_run_dir(options: RunOptions, stage: str, runtime: Runtime) -> Path:
     if not options.run_dir:
-        options.run_dir = str(Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = [str(Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")]
+        if runtime.world_size > 1:
+            dist.broadcast_object_list(name, src=0)  # the ranks' clocks may straddle a second
+        options.run_dir = name[0]
     run_dir = Path(options.run_dir)
     if options.resume and not (run_dir / STATE_NAME).exists():
         raise FileNotFoundError(f"--resume: no {STATE_NAME} in {run_dir}")
@@ -295,7 +298,7 @@ def age_rows(G: nn.Module, z: torch.Tensor) -> list[torch.Tensor]:
 def begin_run(options: RunOptions, stage: str) -> tuple[Runtime, Path]:
     """Start the process group (under torchrun), make the run folder, seed, write the options."""
     runtime = start_runtime(options)
-    run_dir = make_run_dir(options, stage)
+    run_dir = make_run_dir(options, stage, runtime)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)  # identical initial weights on every rank
     if runtime.is_main:
