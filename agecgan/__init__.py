@@ -12,12 +12,14 @@ from agecgan.align import (
 from agecgan.face_recognition import FaceRecognizer
 from agecgan.identity import optimize_latent
 from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator
+from agecgan.pipeline import AgingPipeline
 
 __all__ = [
     "AGE_BUCKETS",
     "BUCKET_LABELS",
     "NUM_BUCKETS",
     "AgeCGANConfig",
+    "AgingPipeline",
     "AlignedFace",
     "Discriminator",
     "Encoder",

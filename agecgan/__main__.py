@@ -1,7 +1,8 @@
-"""Command line: `python -m agecgan prepare ...` (and, later, the aging commands)."""
+"""Command line: `python -m agecgan prepare ...` and `python -m agecgan age PHOTO... --out DIR`."""
 
 import argparse
 import sys
+from pathlib import Path
 
 from agecgan.sources import format_rejections, scan_source, wiki_rule_table
 
@@ -37,6 +38,51 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(args: argparse.Namespace) -> int:
+    from agecgan.ages import BUCKET_LABELS, age_to_bucket
+    from agecgan.align import FaceNotFoundError, ImageReadError
+    from agecgan.pipeline import AgingPipeline, grid_image
+
+    try:
+        if args.input_age is not None:
+            age_to_bucket(args.input_age)  # a bad age fails once, before any work
+        pipeline = AgingPipeline.from_pretrained(args.model, device=args.device)
+    except (FileNotFoundError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(input_age=args.input_age, optimize_identity=not args.no_identity)
+    if args.identity_steps is not None:
+        options["identity_steps"] = args.identity_steps
+    failed = 0
+    for photo in args.photos:
+        try:
+            result = pipeline(photo, output_size=args.size, **options)
+        except (ImageReadError, FaceNotFoundError) as error:
+            print(f"{photo}: failed: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        stem = Path(photo).stem
+        grid_image(result).save(out / f"{stem}_grid.png")
+        for label, face, pasted in zip(BUCKET_LABELS, result.aged, result.pasted, strict=True):
+            face.save(out / f"{stem}_age_{label}.png")
+            pasted.save(out / f"{stem}_pasted_{label}.jpg", quality=95)
+        frames = pipeline.progression(result, frames=args.frames)
+        # Forth and back, so that the loop does not jump from the oldest face to the youngest.
+        frames += frames[-2:0:-1]
+        frames[0].save(
+            out / f"{stem}_progression.gif",
+            save_all=True,
+            append_images=frames[1:],
+            duration=80,
+            loop=0,
+        )
+        notes = "".join(f"; {note}" for note in result.notes)
+        print(f"{photo}: wrote {out / stem}_*{notes}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agecgan", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +108,33 @@ def main(argv: list[str] | None = None) -> int:
         help="keep entries whose image is missing (label statistics only)",
     )
     prep.set_defaults(run=_prepare)
+
+    age = commands.add_parser(
+        "age",
+        help="age the largest face of each photo",
+        description="Writes per photo: <stem>_grid.png (input, reconstruction, then the six "
+        "ages, youngest first, labelled), <stem>_age_<bucket>.png, <stem>_pasted_<bucket>.jpg "
+        "(the aged face in the photo) and <stem>_progression.gif. Exit code 1 if any failed.",
+    )
+    age.add_argument("photos", nargs="+", metavar="PHOTO")
+    age.add_argument("--out", required=True, help="folder for the results")
+    age.add_argument("--model", help="model folder (default: the shipped checkpoints/)")
+    age.add_argument(
+        "--input-age",
+        type=int,
+        help="age of the person in the photos, in years (default: assume 19-29)",
+    )
+    identity = age.add_mutually_exclusive_group()
+    identity.add_argument(
+        "--identity-steps",
+        type=int,
+        help="steps of identity-preserving latent optimization (default: the pipeline's, 20)",
+    )
+    identity.add_argument("--no-identity", action="store_true", help="use z = E(x) as it is")
+    age.add_argument("--size", type=int, default=256, help="side of the faces (Lanczos from 64)")
+    age.add_argument("--frames", type=int, default=30, help="GIF frames from youngest to oldest")
+    age.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda...")
+    age.set_defaults(run=_age)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,0 +1,336 @@
+"""The aging pipeline: photo -> aligned face -> z -> six aged faces, pasted back into the photo."""
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS, age_to_bucket, one_hot
+from agecgan.align import (
+    FACE_SIZE,
+    SUPERSAMPLE,
+    AlignedFace,
+    FaceAligner,
+    ImageReadError,
+    default_aligner,
+    load_image,
+    warp_face,
+)
+from agecgan.checkpoints import load_network
+from agecgan.identity import optimize_latent
+from agecgan.prepare import to_model_range, to_uint8
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
+# No age estimator ships, and D is no age classifier (it scores "a real face of age y" and was
+# trained to be fooled), so without the user's age we assume the commonest training bucket:
+# 19-29 holds 7,419 of UTKFace's 23,624 faces.
+DEFAULT_INPUT_BUCKET = 1
+# Adam steps on z: 1.4 s for the recipe's G with FR on one core of our CPU (2 s or less is
+# what an app can ask a user to wait); the optimization gains most in its first steps.
+IDENTITY_STEPS = 20
+IDENTITY_LR = 0.05  # z is ~N(0, 1): 20 steps can move each coordinate by up to about 1
+MAX_DETECT_SIDE = 1280  # larger photos are shrunk for MTCNN only (speed); pasting is full size
+# warp_face samples the crop at SUPERSAMPLE x and area-averages, so pixel j of the 64 px face
+# sits at crop coordinate j + 0.375: paste-back must undo that shift too.
+CROP_SHIFT = (SUPERSAMPLE - 1) / (2 * SUPERSAMPLE)
+# Paste-back mask: an ellipse over the face in crop fractions (eyes at 0.38, mouth at 0.71),
+# opaque inside FEATHER of its radius, fading smoothly to 0 at its rim, well inside the crop.
+ELLIPSE_CENTER, ELLIPSE_AXES, FEATHER = (0.5, 0.53), (0.38, 0.45), 0.35
+
+
+@dataclass
+class AgingResult:
+    """One photo aged; images are RGB PIL images, faces at output_size (aligned: 64x64)."""
+
+    photo: Image.Image  # the input, upright RGB, full size
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 of the face used, in the photo
+    matrix: np.ndarray  # (2, 3) photo -> 64 px aligned crop
+    aligned: Image.Image  # the 64x64 face the encoder saw
+    z: torch.Tensor  # (1, z_dim) latent used, on the CPU
+    input_bucket: int  # bucket of the input face (given, or DEFAULT_INPUT_BUCKET)
+    num_faces: int  # faces detected; the largest was used
+    output_size: int
+    grayscale: bool  # a gray photo gets gray faces
+    reconstruction: Image.Image  # G(z, y_input)
+    aged: list[Image.Image]  # six faces, youngest bucket first
+    pasted: list[Image.Image]  # the same six faces in the photo
+    notes: list[str]  # what the pipeline assumed or changed, for the user
+
+
+def read_photo(photo: str | Path | Image.Image | np.ndarray) -> tuple[Image.Image, list[str]]:
+    """align.load_image, plus a strict pixel cap on files and notes on what was changed."""
+    notes = []
+    header = photo if isinstance(photo, Image.Image) else None
+    try:
+        if isinstance(photo, (str, Path)):
+            with warnings.catch_warnings():  # PIL warns up to 2x its limit; we refuse below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                header = Image.open(photo)  # reads the header only; refuses > 2x the cap itself
+        if header is not None:
+            width, height = header.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if header is not photo and limit and width * height > limit:
+                raise ImageReadError(
+                    f"cannot read {photo}: {width}x{height} is more than the {limit:,} "
+                    "pixels allowed (PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?"
+                )
+            if getattr(header, "n_frames", 1) > 1:
+                notes.append(f"animated image: the first of {header.n_frames} frames was used")
+            if header.getexif().get(0x0112, 1) != 1:
+                notes.append("turned upright by its EXIF orientation")
+    except (OSError, EOFError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read {photo}: {error}") from error
+    finally:
+        if header is not None and header is not photo:
+            header.close()
+    return load_image(photo), notes
+
+
+def is_gray(image: Image.Image) -> bool:
+    rgb = np.asarray(image)
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def age_weights(position: float) -> np.ndarray:
+    """A continuous age in bucket units (0 = 0-18 ... 5 = 60+; 2.5 = halfway between 30-39 and
+    40-49) -> the six condition weights, linear between the two neighbouring buckets."""
+    position = float(np.clip(position, 0, NUM_BUCKETS - 1))
+    low = min(int(position), NUM_BUCKETS - 2)
+    weights = np.zeros(NUM_BUCKETS)
+    weights[low], weights[low + 1] = low + 1 - position, position - low
+    return weights
+
+
+def _check_weights(weights: Sequence[float]) -> torch.Tensor:
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+    if w.shape != (NUM_BUCKETS,) or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"weights must be {NUM_BUCKETS} non-negative numbers, not all 0")
+    return w / w.sum()
+
+
+def paste_face(photo: np.ndarray, face: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Warp a 64 px aligned face back into the photo (HxWx3 uint8) with the inverse of the
+    photo -> crop matrix, through a feathered ellipse: pixels outside it are left untouched."""
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))  # crop px per photo px
+    side = int(np.clip(round(FACE_SIZE / scale), FACE_SIZE, 2048))  # about the face's size
+    # Lanczos up to the face's size in the photo, so the warp itself hardly resamples.
+    big = np.asarray(Image.fromarray(face).resize((side, side), Image.Resampling.LANCZOS))
+    ratio = FACE_SIZE / side  # big pixel i (PIL centres) sits at crop coordinate i*ratio+offset
+    offset = ratio / 2 - 0.5 + CROP_SHIFT
+    to_crop = np.vstack([matrix, [0, 0, 1]])
+    to_big = np.array([[1 / ratio, 0, -offset / ratio], [0, 1 / ratio, -offset / ratio]])
+    to_photo = cv2.invertAffineTransform((to_big @ to_crop).astype(np.float64))
+    corners = np.array([[0, 0, 1], [side, 0, 1], [0, side, 1], [side, side, 1]]) @ to_photo.T
+    height, width = photo.shape[:2]
+    x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int), [width, height])
+    if x1 <= x0 or y1 <= y0:
+        return photo.copy()
+    grid = (np.arange(side) + 0.5) / side
+    r = np.hypot(
+        (grid[None, :] - ELLIPSE_CENTER[0]) / ELLIPSE_AXES[0],
+        (grid[:, None] - ELLIPSE_CENTER[1]) / ELLIPSE_AXES[1],
+    )
+    t = np.clip((1 - r) / FEATHER, 0, 1)
+    alpha = t * t * (3 - 2 * t)  # smoothstep: no visible edge where the fade starts or ends
+    layer = np.dstack([big.astype(np.float32), alpha.astype(np.float32)])
+    to_roi = to_photo - [[0, 0, x0], [0, 0, y0]]
+    warped = cv2.warpAffine(layer, to_roi, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
+    out = photo.copy()
+    roi = out[y0:y1, x0:x1].astype(np.float32)
+    blend = roi + warped[..., 3:] * (warped[..., :3] - roi)  # exactly roi where alpha is 0
+    out[y0:y1, x0:x1] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out
+
+
+class AgingPipeline:
+    """E, G and MTCNN (FR joins lazily for identity optimization): call it on a photo.
+
+    >>> pipeline = AgingPipeline.from_pretrained("runs/encoder/model")
+    >>> result = pipeline("photo.jpg", input_age=34)
+    >>> result.aged[5].save("at_60.png"); result.pasted[5].save("me_at_60.jpg")
+    >>> face, photo = pipeline.render(result, age_weights(2.5))  # between 30-39 and 40-49
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        generator: nn.Module,
+        aligner: FaceAligner | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.generator = generator.to(self.device).eval()
+        if aligner is None:  # on the CPU, share the process-wide MTCNN with align_face
+            cpu = self.device.type == "cpu"
+            aligner = default_aligner() if cpu else FaceAligner(device=self.device)
+        self.aligner = aligner
+        self.max_detect_side = MAX_DETECT_SIDE
+        self._recognizer = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto"):
+        """Load E and G, strictly, from a local model folder (default: the shipped checkpoints/)."""
+        folder = Path(DEFAULT_MODEL if path is None else path)
+        needed = ("config.json", "encoder.safetensors", "generator.safetensors")
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing and path is None:
+            raise FileNotFoundError(
+                f"no trained Age-cGAN model ships yet ({folder} lacks {', '.join(missing)}). "
+                "Train one (python train.py gan ..., then python train.py encoder ...; see the "
+                "README) and pass its model folder (e.g. runs/encoder/model) as path, or --model"
+            )
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} is not a model folder (a local folder; nothing is downloaded): "
+                f"missing {', '.join(missing)}"
+            )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        encoder = load_network(folder, "encoder", device)
+        return cls(encoder, load_network(folder, "generator", device), device=device)
+
+    @property
+    def recognizer(self):
+        """FR, loaded on first use: only identity optimization needs it."""
+        if self._recognizer is None:
+            from agecgan.face_recognition import FaceRecognizer
+
+            self._recognizer = FaceRecognizer.from_pretrained().to(self.device)
+        return self._recognizer
+
+    def detect(self, image: Image.Image) -> AlignedFace:
+        """The aligner on a copy shrunk to max_detect_side; box and matrix in full-size pixels."""
+        shrink = min(1.0, self.max_detect_side / max(image.size))
+        if shrink == 1.0:
+            return self.aligner(np.asarray(image))
+        size = (round(image.width * shrink), round(image.height * shrink))
+        face = self.aligner(np.asarray(image.resize(size, Image.Resampling.BOX)))
+        face.matrix = np.c_[face.matrix[:, :2] * shrink, face.matrix[:, 2]].astype(np.float32)
+        # Cut the face from the full-size photo: its detail, and exactly the crop of `matrix`.
+        face.image = Image.fromarray(warp_face(np.asarray(image), face.matrix, FACE_SIZE))
+        face.box = tuple(v / shrink for v in face.box)
+        face.landmarks = face.landmarks / shrink
+        return face
+
+    def __call__(
+        self,
+        photo: str | Path | Image.Image | np.ndarray,
+        *,
+        input_age: int | None = None,
+        optimize_identity: bool = True,
+        identity_steps: int = IDENTITY_STEPS,
+        progress: Callable[[int, int, float], None] | None = None,
+        output_size: int = 256,
+    ) -> AgingResult:
+        """Age the largest face of a photo (path, PIL image or HxW[xC] uint8 array).
+
+        input_age: the person's age in years, which picks the bucket of the reconstruction and
+        of identity optimization; None assumes DEFAULT_INPUT_BUCKET (19-29) and says so in
+        notes. progress(step, steps, loss) follows identity optimization. Raises ImageReadError
+        or FaceNotFoundError (both ValueErrors) with a message for the user.
+        """
+        image, notes = read_photo(photo)
+        face = self.detect(image)
+        if face.num_faces > 1:
+            box = ", ".join(f"{v:.0f}" for v in face.box)
+            notes.append(f"{face.num_faces} faces found; the largest (box {box}) was used")
+        if input_age is None:
+            bucket = DEFAULT_INPUT_BUCKET
+            notes.append(f"input age not given: assumed {BUCKET_LABELS[bucket]}")
+        else:
+            bucket = age_to_bucket(input_age)
+        grayscale = is_gray(image)
+        if grayscale:
+            notes.append("grayscale photo: the faces are shown in grayscale too")
+        x = to_model_range(torch.from_numpy(np.array(face.image))[None]).to(self.device)
+        y = one_hot(torch.tensor([bucket])).to(self.device)
+        with torch.inference_mode():
+            z0 = self.encoder(x)
+        z = z0.clone()  # a normal tensor: z may need gradients below
+        if optimize_identity and identity_steps > 0:
+            z = optimize_latent(
+                self.generator,
+                x,
+                y,
+                z0=z,
+                FR=self.recognizer,
+                steps=identity_steps,
+                lr=IDENTITY_LR,
+                progress=progress,
+            ).z
+        z = z.detach().cpu()
+        conditions = torch.cat([y.cpu(), torch.eye(NUM_BUCKETS)])
+        faces = self._generate(z, conditions, grayscale)
+        rgb = np.asarray(image)
+        return AgingResult(
+            photo=image,
+            box=face.box,
+            matrix=face.matrix,
+            aligned=face.image,
+            z=z,
+            input_bucket=bucket,
+            num_faces=face.num_faces,
+            output_size=output_size,
+            grayscale=grayscale,
+            reconstruction=_display(faces[0], output_size),
+            aged=[_display(f, output_size) for f in faces[1:]],
+            pasted=[Image.fromarray(paste_face(rgb, f, face.matrix)) for f in faces[1:]],
+            notes=notes,
+        )
+
+    def render(self, result: AgingResult, weights: Sequence[float]):
+        """The face and pasted photo for any mix of the six age conditions (a continuous age):
+        weights are 6 non-negative numbers, normalized to sum 1. Returns (face, photo)."""
+        face = self._generate(result.z, _check_weights(weights)[None], result.grayscale)[0]
+        return _display(face, result.output_size), _paste(result, face)
+
+    def progression(self, result: AgingResult, frames: int = 30, pasted: bool = False):
+        """Frames sweeping from the youngest bucket to the oldest, the condition interpolated
+        between neighbouring buckets: faces at output_size, or whole photos when pasted."""
+        positions = np.linspace(0, NUM_BUCKETS - 1, frames)
+        conditions = torch.stack([_check_weights(age_weights(p)) for p in positions])
+        faces = self._generate(result.z, conditions, result.grayscale)
+        if pasted:
+            return [_paste(result, face) for face in faces]
+        return [_display(face, result.output_size) for face in faces]
+
+    def _generate(self, z: torch.Tensor, y: torch.Tensor, grayscale: bool) -> np.ndarray:
+        """G(z, y) for each row of y -> (N, 64, 64, 3) uint8."""
+        with torch.inference_mode():
+            z = z.to(self.device).expand(len(y), -1)
+            faces = to_uint8(self.generator(z, y.to(self.device))).cpu().numpy()
+        if grayscale:
+            gray = np.rint(faces @ np.array([0.299, 0.587, 0.114]))  # ITU-R 601, as PIL's "L"
+            faces = np.repeat(gray[..., None], 3, axis=-1).astype(np.uint8)
+        return faces
+
+
+def _display(face: np.ndarray, size: int) -> Image.Image:
+    return Image.fromarray(face).resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _paste(result: AgingResult, face: np.ndarray) -> Image.Image:
+    return Image.fromarray(paste_face(np.asarray(result.photo), face, result.matrix))
+
+
+def grid_image(result: AgingResult) -> Image.Image:
+    """One labelled row: the aligned input, its reconstruction, then the six ages."""
+    tiles = [result.aligned.resize(result.reconstruction.size, Image.Resampling.LANCZOS)]
+    tiles += [result.reconstruction, *result.aged]
+    labels = ["input", f"reconstruction ({BUCKET_LABELS[result.input_bucket]})", *BUCKET_LABELS]
+    size, band = result.output_size, max(14, result.output_size // 10)
+    grid = Image.new("RGB", (size * len(tiles), size + band), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=band * 0.7)
+    for index, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
+        grid.paste(tile, (index * size, band))
+        draw.text((index * size + size / 2, band / 2), label, fill="black", font=font, anchor="mm")
+    return grid
