@@ -595,12 +595,18 @@ def train_encoder(options: EncoderOptions) -> TrainResult:
     sync_buffers(E, runtime)
     model_dir = run_dir / MODEL_DIR
     if runtime.is_main:
-        networks = {"encoder": E, "generator": G}
-        if (Path(options.generator) / NETWORK_FILES["discriminator"]).exists():
-            networks["discriminator"] = load_network(options.generator, "discriminator")
-        export_model(model_dir, config, **networks)
+        export_encoder_model(model_dir, options.generator, E, G)
     stop_runtime(runtime)
     return TrainResult(model_dir, {"encoder": E})
+
+
+def export_encoder_model(model_dir: Path, source: str, E: nn.Module, G: nn.Module) -> None:
+    """A complete model folder: E, G, and the source folder's D when it has one (so that
+    users can go on training)."""
+    networks = {"encoder": E, "generator": G}
+    if (Path(source) / NETWORK_FILES["discriminator"]).exists():
+        networks["discriminator"] = load_network(source, "discriminator")
+    export_model(model_dir, G.config, **networks)
 
 
 def encoder_grid_inputs(
@@ -696,9 +702,6 @@ def train_identity(options: IdentityOptions) -> TrainResult:
     sync_buffers(E, runtime)
     model_dir = run_dir / MODEL_DIR
     if runtime.is_main:
-        networks = {"encoder": E, "generator": G}
-        if (Path(options.model) / NETWORK_FILES["discriminator"]).exists():
-            networks["discriminator"] = load_network(options.model, "discriminator")
-        export_model(model_dir, G.config, **networks)
+        export_encoder_model(model_dir, options.model, E, G)
     stop_runtime(runtime)
     return TrainResult(model_dir, trained)
