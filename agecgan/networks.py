@@ -92,7 +92,9 @@ class UpsampleConv2d(nn.Module):
                 self.weight.device,
             )
             if self._cached is None or self._cached[0] != key:
-                with torch.no_grad():
+                # Built in the weights' own dtype, outside any autocast, so that a kernel cached
+                # under bf16 autocast never meets fp32 inputs later (conv2d casts per call).
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                     self._cached = (key, *self.phase_kernels())
             kernel, bias = self._cached[1:]
         return nn.functional.pixel_shuffle(nn.functional.conv2d(x, kernel, bias, padding=1), 2)

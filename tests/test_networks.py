@@ -91,3 +91,19 @@ def test_inference_cache_follows_weight_updates():
     x.requires_grad_(True)
     layer(x).sum().backward()
     assert x.grad is not None
+
+
+def test_inference_cache_is_independent_of_autocast():
+    """A frozen G used under bf16 autocast, then in fp32 (stage 2's sample grid), and back."""
+    torch.manual_seed(0)
+    G = Generator(TINY).eval()
+    z, y = torch.randn(2, 100), torch.eye(6)[:2]
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = G(z, y)  # the first call builds the cached kernels, under autocast
+        plain = G(z, y)
+    with torch.enable_grad():
+        reference = G(z, y)  # no cache: kernels rebuilt from the weights
+    assert mixed.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert torch.allclose(plain, reference, atol=1e-6)
+    assert torch.allclose(mixed.float(), reference, atol=0.05)
