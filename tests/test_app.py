@@ -1,0 +1,378 @@
+"""The Gradio app on a tiny model: handlers on good and broken photos, API under load, no model."""
+
+import hashlib
+import importlib.util
+import socket
+import struct
+import sys
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from gradio.utils import get_upload_folder
+from helpers import TINY
+from PIL import Image
+
+import agecgan.pipeline
+from agecgan import BUCKET_LABELS, AgingPipeline, Encoder, Generator
+from agecgan.checkpoints import export_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")
+FRAMES = 2 * 24 - 2  # the GIF: 24 frames forth, then back without repeating the ends
+
+
+def load_app():
+    """app/app.py as a module: a script folder, importable however pytest was started."""
+    spec = importlib.util.spec_from_file_location("agecgan_app", ROOT / "app" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+webapp = load_app()
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory):
+    """Gradio's cache folder for this module: where uploads land and results are served."""
+    folder = tmp_path_factory.mktemp("gradio")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, aligner, uploads):  # aligner: the shared MTCNN, one thread
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    export_model(folder, TINY, encoder=Encoder(TINY), generator=Generator(TINY))
+    return AgingPipeline.from_pretrained(folder, device="cpu")
+
+
+def age(pipeline, photo, input_age=None, **options):
+    """age_photo without identity optimization unless asked (it needs FR: slower)."""
+    options = {"identity": False, "steps": 0, **options}
+    return webapp.age_photo(pipeline, photo, input_age, options["identity"], options["steps"])
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def check_outputs(outputs, size):
+    faces, pasted, gif, notes, session = outputs
+    assert len(faces) == 7 and len(pasted) == 6
+    assert faces[0][1].startswith("reconstruction (")
+    assert [caption for _, caption in faces[1:]] == [caption for _, caption in pasted]
+    assert [caption for _, caption in pasted] == list(BUCKET_LABELS)
+    assert all(pixels(face).shape == (256, 256, 3) for face, _ in faces)
+    assert all(pixels(photo).shape == (size[1], size[0], 3) for photo, _ in pasted)
+    folders = {Path(path).parent for path, _ in faces + pasted} | {Path(gif).parent}
+    assert len(folders) == 1 and folders.pop().parent == Path(get_upload_folder())
+    with Image.open(gif) as animation:
+        assert animation.n_frames == FRAMES and animation.size == (256, 256)
+    assert isinstance(notes, str) and isinstance(session, webapp.Session)
+
+
+def write_photo(kind, astronaut, grace_hopper, folder: Path):
+    """One awkward or broken photo file: its path and the size the app should use."""
+    image = Image.fromarray(astronaut)
+    path = folder / f"{kind}.png"
+    if kind == "text":
+        path.write_text("not an image\n")
+    elif kind == "truncated":
+        path = folder / "truncated.jpg"
+        path.write_bytes(grace_hopper.read_bytes()[:20_000])
+    elif kind == "bomb":  # a valid 1x1 PNG whose header claims 100,000 x 100,000 pixels
+        Image.new("RGB", (1, 1)).save(path)
+        data = bytearray(path.read_bytes())
+        data[16:24] = struct.pack(">II", 100_000, 100_000)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+        path.write_bytes(bytes(data))
+    elif kind == "tiny":
+        Image.new("RGB", (10, 10), "white").save(path)
+    elif kind == "no face":
+        Image.new("RGB", (300, 300), (128, 128, 128)).save(path)
+    elif kind == "grayscale":
+        image.convert("L").save(path)
+    elif kind == "rgba":
+        image.putalpha(200)
+        image.save(path)
+    elif kind == "cmyk":
+        path = folder / "cmyk.jpg"
+        image.convert("CMYK").save(path, quality=95)
+    elif kind == "16-bit":
+        cv2.imwrite(str(path), astronaut[..., ::-1].astype(np.uint16) * 257)
+    elif kind == "exif-rotated":
+        path = folder / "exif.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": undoes the turn below
+        image.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+    elif kind == "gif":
+        path = folder / "animated.gif"
+        image.save(path, save_all=True, append_images=[Image.new("RGB", image.size)])
+    elif kind == "huge":
+        image.resize((3000, 3000), Image.Resampling.BICUBIC).save(path)
+    elif kind == "two faces":
+        canvas = Image.new("RGB", (1112, 600), (128, 128, 128))
+        canvas.paste(image, (0, 0))
+        canvas.paste(Image.open(grace_hopper).convert("RGB"), (512, 0))
+        canvas.save(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["eileen_collins.jpg", "grace_hopper.jpg", "cameraman.jpg"])
+def test_bundled_examples_age(pipeline, name):
+    path = ROOT / "app" / "examples" / name
+    outputs = age(pipeline, path, input_age=77)
+    check_outputs(outputs, Image.open(path).size)
+    assert outputs[0][0][1] == "reconstruction (60+)"
+    assert path.is_file()  # examples are ours: never deleted like an upload
+
+
+def test_identity_optimization_reports_progress(pipeline, grace_hopper):
+    calls = []
+    outputs = webapp.age_photo(
+        pipeline, grace_hopper, 77, True, 2, progress=lambda *a, **k: calls.append((a, k))
+    )
+    check_outputs(outputs, (512, 600))
+    assert [a[0] for a, _ in calls if isinstance(a[0], tuple)] == [(1, 2), (2, 2)]
+    assert any("preserving identity" in k.get("desc", "") for _, k in calls)
+
+
+AWKWARD = {  # kind: a note the app must show (or None), and the size it works at
+    "grayscale": ("grayscale photo: the faces are shown in grayscale too", (512, 512)),
+    "rgba": (None, (512, 512)),
+    "cmyk": (None, (512, 512)),
+    "16-bit": (None, (512, 512)),
+    "exif-rotated": ("turned upright by its EXIF orientation", (512, 512)),
+    "gif": ("animated image: the first of 2 frames was used", (512, 512)),
+    "huge": ("large photo: shrunk from 3000x3000 to 2048x2048 px", (2048, 2048)),
+    "two faces": ("2 faces found; the largest (box", (1112, 600)),
+}
+
+
+@pytest.fixture(scope="module")
+def astronaut_box(pipeline, astronaut):
+    return np.array(pipeline(astronaut, optimize_identity=False).box)
+
+
+@pytest.mark.parametrize("kind", AWKWARD)
+def test_awkward_photos_work_and_say_what_changed(
+    tmp_path, pipeline, astronaut, grace_hopper, astronaut_box, kind
+):
+    path = write_photo(kind, astronaut, grace_hopper, tmp_path)
+    outputs = age(pipeline, path, input_age=40)
+    note, size = AWKWARD[kind]
+    check_outputs(outputs, size)
+    if note:
+        assert note in outputs[3], outputs[3]
+    if size == (512, 512):  # the same face found, upright (EXIF applied once, not twice)
+        np.testing.assert_allclose(outputs[4].result.box, astronaut_box, atol=12)
+    if kind == "two faces":  # Grace Hopper's face, on the right, is the larger one
+        assert outputs[4].result.box[0] > 512
+        assert "was used" in outputs[3]
+
+
+BROKEN = {
+    "text": "This file could not be read as a photo: cannot read text.png: cannot identify",
+    "truncated": "This file could not be read as a photo: cannot read truncated.jpg: image file "
+    "is truncated",
+    "bomb": "cannot read bomb.png: Image size (10000000000 pixels) exceeds limit of",
+    "tiny": "No face found: the image (10x10 px) is smaller than the smallest detectable face",
+    "no face": "No face found in the image. Try a photo where the face is larger",
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_photos_raise_clear_messages(
+    tmp_path, monkeypatch, pipeline, astronaut, grace_hopper, kind
+):
+    path = write_photo(kind, astronaut, grace_hopper, tmp_path)
+    if kind == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 512)
+    with pytest.raises(gr.Error) as error:
+        age(pipeline, path)
+    assert BROKEN[kind] in error.value.message
+    assert str(tmp_path) not in error.value.message  # the server's paths stay private
+
+
+def test_any_decoder_failure_is_a_clear_message(tmp_path, monkeypatch, pipeline):
+    def corrupt_tiff(path):  # what PIL raised on one corrupt TIFF in a fuzzing run
+        raise TypeError("Missing dimensions")
+
+    monkeypatch.setattr(webapp, "read_photo", corrupt_tiff)
+    (tmp_path / "scan.tif").write_bytes(b"II*\x00")
+    with pytest.raises(gr.Error) as error:
+        age(pipeline, tmp_path / "scan.tif")
+    assert error.value.message == "This file could not be read as a photo: Missing dimensions"
+
+
+def test_a_photo_over_the_pixel_cap_is_refused(monkeypatch, pipeline, grace_hopper):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 600 - 1)  # PIL itself only warns
+    with pytest.raises(gr.Error) as error:
+        age(pipeline, grace_hopper)
+    assert "512x600 is more than the 307,199 pixels allowed" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("photo", "input_age", "steps", "message"),
+    [
+        (None, None, 0, "Upload a photo, take one with the webcam, or pick an example first"),
+        ({"path": None}, None, 0, "Upload a photo"),
+        ("photo.png", 0, 0, "The age must be between 1 and 120 years, not 0"),
+        ("photo.png", "old", 0, "The age must be a number of years"),
+        ("photo.png", 30, 1000, "Identity steps must be between 0 and 100"),
+    ],
+)
+def test_bad_settings_raise_clear_messages(pipeline, photo, input_age, steps, message):
+    with pytest.raises(gr.Error) as error:
+        webapp.age_photo(pipeline, photo, input_age, True, steps)
+    assert message in error.value.message
+
+
+def test_uploads_are_deleted_and_reruns_use_the_session(uploads, pipeline, astronaut):
+    folder = uploads / "0123abcd"  # how Gradio stores an upload: a folder per file
+    folder.mkdir()
+    path = folder / "me.png"
+    Image.fromarray(astronaut).save(path)
+    upload = {"path": str(path), "orig_name": "me.png"}  # as the UI passes it
+    *_, gif, notes, session = age(pipeline, upload, input_age=35)
+    assert not path.exists() and not folder.exists()
+    assert Path(gif).is_relative_to(uploads)  # results are served from, and swept with, the cache
+    # The same photo again with another age: read from the session, not from the deleted file.
+    again = webapp.age_photo(pipeline, upload, 65, False, 0, session)
+    assert again[0][0][1] == "reconstruction (60+)"
+    _, photo = webapp.blend(pipeline, again[4], *np.eye(6)[5])
+    np.testing.assert_array_equal(pixels(again[1][5][0]), pixels(photo))
+    with pytest.raises(gr.Error) as error:  # a new session has no copy: upload again
+        age(pipeline, upload)
+    assert "no longer on the server" in error.value.message
+
+
+def test_sliders_render_from_the_session(pipeline, grace_hopper):
+    faces, pasted, _, _, session = age(pipeline, grace_hopper, input_age=77)
+    for bucket in range(6):
+        face, photo = webapp.blend(pipeline, session, *np.eye(6)[bucket])
+        np.testing.assert_array_equal(pixels(face), pixels(faces[bucket + 1][0]))
+        np.testing.assert_array_equal(pixels(photo), pixels(pasted[bucket][0]))
+    face, photo, *weights = webapp.sweep(pipeline, session, 5)
+    assert weights == [0, 0, 0, 0, 0, 1]
+    np.testing.assert_array_equal(pixels(face), pixels(faces[6][0]))
+    mixed, _, *weights = webapp.sweep(pipeline, session, 2.25)
+    assert weights == [0, 0, 0.75, 0.25, 0, 0]
+    blended, _ = webapp.blend(pipeline, session, 0, 0, 3, 1, 0, 0)
+    np.testing.assert_array_equal(pixels(mixed), pixels(blended))
+    with pytest.raises(gr.Error) as error:
+        webapp.blend(pipeline, session, 0, 0, 0, 0, 0, 0)
+    assert "Set at least one age slider above 0" in error.value.message
+    with pytest.raises(gr.Error) as error:
+        webapp.sweep(pipeline, None, 2)
+    assert "Age a photo first" in error.value.message
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_api_answers_ten_concurrent_users(tmp_path, monkeypatch, uploads, pipeline, astronaut):
+    from gradio_client import Client, handle_file
+
+    # gradio_client downloads each file through a folder of its own in the system's temp
+    # folder and leaves that folder behind: keep them in this test's folder.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    photos = []
+    for user in range(10):  # ten people, ten files, one face: ten identical results at once
+        photos.append(tmp_path / f"user{user}.png")
+        Image.fromarray(astronaut).save(photos[-1])
+    digest = hashlib.sha256(photos[0].read_bytes()).hexdigest()
+    demo = webapp.build_demo(pipeline)
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        ssr_mode=False,
+        max_file_size=webapp.MAX_UPLOAD,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+
+        def call(photo, identity=False, steps=0, client=None):
+            client = client or Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+            return client.predict(handle_file(str(photo)), 40, identity, steps, api_name="/age")
+
+        client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+        faces, pasted, gif, _ = call(photos[0], identity=True, steps=2, client=client)
+        assert [face["caption"] for face in faces] == ["reconstruction (40-49)", *BUCKET_LABELS]
+        assert Image.open(faces[3]["image"]).size == (256, 256)
+        assert Image.open(pasted[5]["image"]).size == (512, 512)
+        assert Image.open(gif).n_frames == FRAMES
+        # The sliders' endpoints render from the session's z (gr.State), without the encoder.
+        face, photo = client.predict(0, 0, 0, 0, 0, 1, api_name="/blend")
+        assert Image.open(face).size == (256, 256) and Image.open(photo).size == (512, 512)
+        face, photo, *weights = client.predict(2.5, api_name="/sweep")
+        assert weights == [0, 0, 0.5, 0.5, 0, 0] and Image.open(photo).size == (512, 512)
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(call, photos))
+        assert len(answers) == 10
+        assert all(len(a[0]) == 7 and len(a[1]) == 6 and Path(a[2]).is_file() for a in answers)
+        # No copy of any upload is left in Gradio's folder: each was deleted once read.
+        left = [p for p in uploads.rglob("*") if p.is_file()]
+        assert all(hashlib.sha256(p.read_bytes()).hexdigest() != digest for p in left)
+        # Bad input answers with the message, and the server keeps serving.
+        (tmp_path / "notes.txt").write_text("not an image\n")
+        with pytest.raises(Exception, match="could not be read as a photo"):
+            call(tmp_path / "notes.txt")
+        assert len(call(photos[1])[0]) == 7
+    finally:
+        demo.close()
+
+
+def test_without_a_model_the_app_starts_and_says_so(tmp_path, monkeypatch, uploads, grace_hopper):
+    from gradio_client import Client, handle_file
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # gradio_client's leftovers
+    monkeypatch.setattr(agecgan.pipeline, "DEFAULT_MODEL", tmp_path)  # no model files
+    pipeline, message = webapp.load_pipeline(None)
+    assert pipeline is None and message == webapp.NO_MODEL
+    assert "No trained model ships yet; train one with train.py" in message
+    assert "--model DIR" in message
+    demo = webapp.build_demo(pipeline, message)
+    shown = [
+        block.value
+        for block in demo.blocks.values()
+        if isinstance(block, gr.Markdown) and isinstance(block.value, str)
+    ]
+    assert any(webapp.NO_MODEL in text for text in shown)
+    for handler, args in [
+        (webapp.age_photo, (grace_hopper, 40, False, 0)),
+        (webapp.blend, (None, 1, 0, 0, 0, 0, 0)),
+        (webapp.sweep, (None, 2.0)),
+    ]:
+        with pytest.raises(gr.Error) as error:
+            handler(None, *args)
+        assert error.value.message == webapp.NO_MODEL
+    _, message = webapp.load_pipeline(str(tmp_path / "nowhere"))
+    assert "is not a model folder" in message
+    port = free_port()  # the server starts, and answers with the message
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(Exception, match="No trained model ships yet"):
+            client.predict(handle_file(str(grace_hopper)), 77, False, 0, api_name="/age")
+    finally:
+        demo.close()
