@@ -18,7 +18,7 @@ import torch
 from agecgan.ages import one_hot
 from agecgan.checkpoints import load_network
 from agecgan.face_recognition import SAME_PERSON_THRESHOLD, FaceRecognizer, distance
-from agecgan.identity import optimize_latent
+from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, optimize_latent
 from agecgan.prepare import FaceDataset, to_model_range
 
 # The paper's verification rates (OpenFace, on its own test set), for the README's comparison.
@@ -41,8 +41,8 @@ def evaluate_identity(
     finetuned: str | Path | None = None,
     limit: int = 200,
     batch_size: int = 25,
-    steps: int = 20,
-    lr: float = 0.02,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
     progress: bool = True,
 ) -> list[IdentityRow]:
     """The identity table for the first `limit` faces of the test split."""
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     identity.add_argument("--finetuned", help="model folder written by `train.py identity`")
     identity.add_argument("--data", default="data/utkface", help="prepared dataset (test split)")
     identity.add_argument("--limit", type=int, default=200, help="test faces to use")
-    identity.add_argument("--steps", type=int, default=20, help="latent optimization steps")
-    identity.add_argument("--lr", type=float, default=0.02, help="Adam learning rate on z")
+    identity.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimization steps")
+    identity.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate on z")
     identity.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from agecgan.align import (
     warp_face,
 )
 from agecgan.checkpoints import load_network
-from agecgan.identity import optimize_latent
+from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, optimize_latent
 from agecgan.prepare import to_model_range, to_uint8
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -31,10 +31,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
 # trained to be fooled), so without the user's age we assume the commonest training bucket:
 # 19-29 holds 7,419 of UTKFace's 23,624 faces.
 DEFAULT_INPUT_BUCKET = 1
-# Adam steps on z: 1.4 s for the recipe's G with FR on one core of our CPU (2 s or less is
-# what an app can ask a user to wait); the optimization gains most in its first steps.
-IDENTITY_STEPS = 20
-IDENTITY_LR = 0.05  # z is ~N(0, 1): 20 steps can move each coordinate by up to about 1
+IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
 MAX_DETECT_SIDE = 1280  # larger photos are shrunk for MTCNN only (speed); pasting is full size
 # warp_face samples the crop at SUPERSAMPLE x and area-averages, so pixel j of the 64 px face
 # sits at crop coordinate j + 0.375: paste-back must undo that shift too.
@@ -263,7 +260,7 @@ class AgingPipeline:
                 z0=z,
                 FR=self.recognizer,
                 steps=identity_steps,
-                lr=IDENTITY_LR,
+                lr=DEFAULT_LR,
                 progress=progress,
             ).z
         z = z.detach().cpu()
