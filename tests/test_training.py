@@ -162,7 +162,7 @@ def test_a_killed_run_leaves_a_loadable_state_and_resumes(tiny_data, tmp_path):
     process.wait()
     step = load_training_state(run / "state.pt")["step"]
     assert step >= 1
-    resumed = train_gan(gan_options(tiny_data, run, max_steps=step + 2, resume=True))
+    resumed = train_gan(gan_options(tiny_data, run, epochs=1000, max_steps=step + 2, resume=True))
     assert load_training_state(run / "state.pt")["step"] == step + 2
     assert resumed.model_dir.exists()
 
