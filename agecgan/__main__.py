@@ -41,7 +41,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _age(args: argparse.Namespace) -> int:
     from agecgan.ages import BUCKET_LABELS, age_to_bucket
     from agecgan.align import FaceNotFoundError, ImageReadError
-    from agecgan.pipeline import AgingPipeline, grid_image
+    from agecgan.pipeline import AgingPipeline, grid_image, save_gif
 
     try:
         if args.input_age is not None:
@@ -68,16 +68,7 @@ def _age(args: argparse.Namespace) -> int:
         for label, face, pasted in zip(BUCKET_LABELS, result.aged, result.pasted, strict=True):
             face.save(out / f"{stem}_age_{label}.png")
             pasted.save(out / f"{stem}_pasted_{label}.jpg", quality=95)
-        frames = pipeline.progression(result, frames=args.frames)
-        # Forth and back, so that the loop does not jump from the oldest face to the youngest.
-        frames += frames[-2:0:-1]
-        frames[0].save(
-            out / f"{stem}_progression.gif",
-            save_all=True,
-            append_images=frames[1:],
-            duration=80,
-            loop=0,
-        )
+        save_gif(pipeline.progression(result, frames=args.frames), out / f"{stem}_progression.gif")
         notes = "".join(f"; {note}" for note in result.notes)
         print(f"{photo}: wrote {out / stem}_*{notes}")
     return 1 if failed else 0

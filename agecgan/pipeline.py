@@ -318,6 +318,13 @@ def _paste(result: AgingResult, face: np.ndarray) -> Image.Image:
     return Image.fromarray(paste_face(np.asarray(result.photo), face, result.matrix))
 
 
+def save_gif(frames: list[Image.Image], path: str | Path, frame_ms: int = 80) -> Path:
+    """An animated GIF of a progression, forth and back: the loop never jumps old to young."""
+    frames = frames + frames[-2:0:-1]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return Path(path)
+
+
 def grid_image(result: AgingResult) -> Image.Image:
     """One labelled row: the aligned input, its reconstruction, then the six ages."""
     tiles = [result.aligned.resize(result.reconstruction.size, Image.Resampling.LANCZOS)]

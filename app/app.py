@@ -28,6 +28,7 @@ from agecgan.pipeline import (  # noqa: E402
     AgingResult,
     age_weights,
     read_photo,
+    save_gif,
 )
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -164,11 +165,8 @@ def save(image: Image.Image, path: Path) -> str:
 
 
 def save_progression(frames: list[Image.Image], folder: Path) -> str:
-    """An animated GIF of the frames, forth and back: the loop never jumps from old to young."""
-    frames = frames + frames[-2:0:-1]
-    path = folder / "progression.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
-    return str(path)
+    """The progression as an animated GIF in this request's folder."""
+    return str(save_gif(frames, folder / "progression.gif", GIF_FRAME_MS))
 
 
 def _save_render(face: Image.Image, photo: Image.Image) -> tuple[str, str]:
