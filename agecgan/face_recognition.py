@@ -200,6 +200,12 @@ class FrozenModule(nn.Module):
             parameter.requires_grad_(False)
         return super().train(False)
 
+    def check_faces(self, faces: torch.Tensor) -> None:
+        """Refuse anything but a batch of aligned RGB faces of this module's face_size."""
+        expected = (3, self.face_size, self.face_size)
+        if faces.ndim != 4 or tuple(faces.shape[1:]) != expected:
+            raise ValueError(f"expected faces of shape (N, {expected}), got {tuple(faces.shape)}")
+
     def train(self, mode: bool = True) -> "FrozenModule":
         # A parent's .train() must not switch FR to training behaviour: it stays as measured.
         return super().train(False)
@@ -239,9 +245,7 @@ class FaceRecognizer(FrozenModule):
 
     def to_chip(self, faces: torch.Tensor) -> torch.Tensor:
         """(N, 3, 64, 64) template faces in [-1, 1] -> (N, 3, 150, 150) dlib chips in [0, 255]."""
-        expected = (3, self.face_size, self.face_size)
-        if faces.ndim != 4 or tuple(faces.shape[1:]) != expected:
-            raise ValueError(f"expected faces of shape (N, {expected}), got {tuple(faces.shape)}")
+        self.check_faces(faces)
         grid = self.grid.expand(len(faces), -1, -1, -1)
         # The chip lies inside the crop; border replication only guards rounding at its edge.
         chips = F.grid_sample(faces, grid, "bilinear", "border", align_corners=False)
@@ -279,9 +283,7 @@ class InceptionResnetRecognizer(FrozenModule):
 
     def forward(self, faces: torch.Tensor) -> torch.Tensor:
         """(N, 3, 64, 64) aligned faces in [-1, 1] -> (N, 512) unit-length embeddings."""
-        expected = (3, self.face_size, self.face_size)
-        if faces.ndim != 4 or tuple(faces.shape[1:]) != expected:
-            raise ValueError(f"expected faces of shape (N, {expected}), got {tuple(faces.shape)}")
+        self.check_faces(faces)
         # It was trained on 160 px crops standardized as (pixel - 127.5) / 128.
         faces = F.interpolate(faces, size=160, mode="bilinear", align_corners=False)
         return self.network(faces * (127.5 / 128))
