@@ -39,6 +39,7 @@ from agecgan.prepare import FaceDataset, to_model_range, to_uint8
 
 STATE_NAME = "state.pt"
 OPTIONS_NAME = "options.json"
+SNAPSHOT_DIR = "snapshots"  # fp16 weight exports every snapshot_every steps
 MODEL_DIR = "model"  # finished weights: <run>/model/{generator,discriminator,...}.safetensors
 
 
@@ -58,6 +59,7 @@ class RunOptions:
     epochs: int = 1
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
     save_every: int = 200  # steps between saved states: a killed run loses at most this many
+    snapshot_every: int = 0  # steps between kept weight exports in snapshots/ (0: none)
     sample_every: int = 200  # steps between sample grids
     log_every: int = 10  # steps between TensorBoard scalars
     sample_columns: int = 8  # faces per row of the sample grid
@@ -317,14 +319,16 @@ def run_steps(
     train_step: Callable[[torch.Tensor], dict[str, float]],
     sample_rows: Callable[[], list[torch.Tensor]],
     state: Callable[[], dict],
+    snapshot: Callable[[Path], None] | None = None,
 ) -> int:
     """The loop every stage shares; returns the final step.
 
     Each step, train_step gets this process's item indices and returns its losses; every
     log_every steps they go to TensorBoard with images/s, every sample_every steps
     sample_rows() becomes a grid, every save_every steps state() (called on every rank, so it
-    may gather) is saved atomically with the step. A resumed run skips the batches of the
-    current epoch that it already trained on.
+    may gather) is saved atomically with the step, and every snapshot_every steps snapshot()
+    exports the weights to snapshots/step-NNNNNNN, so that a step can be chosen by evaluation
+    later. A resumed run skips the batches of the current epoch that it already trained on.
     """
     global_batch = options.batch_size * runtime.world_size
     steps_per_epoch = num_items // global_batch
@@ -362,6 +366,9 @@ def run_steps(
                 if runtime.is_main:
                     contents |= {"step": step, "options": json.dumps(dataclasses.asdict(options))}
                     save_training_state(run_dir / STATE_NAME, contents)
+            every = options.snapshot_every
+            if snapshot and every and step % every == 0 and runtime.is_main:
+                snapshot(run_dir / SNAPSHOT_DIR / f"step-{step:07d}")
     bar.close()
     logger.close()
     return step
@@ -433,6 +440,9 @@ def train_gan(options: GanOptions) -> TrainResult:
         train_step=train_step,
         sample_rows=lambda: age_rows(G, sample_z),
         state=state,
+        snapshot=lambda folder: export_model(
+            folder, config, torch.float16, generator=G, discriminator=D
+        ),
     )
     sync_buffers(G, runtime)
     sync_buffers(D, runtime)

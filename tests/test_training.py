@@ -79,6 +79,17 @@ def test_gan_stage_writes_everything_a_run_needs(tiny_data, tmp_path):
         assert torch.equal(value, result.networks["generator"].state_dict()[key].cpu())
 
 
+def test_snapshots_keep_fp16_weights_of_chosen_steps(tiny_data, tmp_path):
+    result = train_gan(gan_options(tiny_data, tmp_path / "run", max_steps=4, snapshot_every=2))
+    snapshots = tmp_path / "run" / "snapshots"
+    assert sorted(path.name for path in snapshots.iterdir()) == ["step-0000002", "step-0000004"]
+    G = load_network(snapshots / "step-0000004", "generator")  # loaded back as fp32
+    finished = result.networks["generator"].state_dict()
+    for key, value in G.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, finished[key].float(), rtol=1e-3, atol=1e-3), key
+
+
 def test_resume_continues_exactly_where_the_run_stopped(tiny_data, tmp_path):
     straight = train_gan(gan_options(tiny_data, tmp_path / "straight", max_steps=6))
     train_gan(gan_options(tiny_data, tmp_path / "resumed", max_steps=4))
