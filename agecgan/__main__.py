@@ -1,4 +1,4 @@
-"""Command line: `python -m agecgan prepare ...` and `python -m agecgan age PHOTO... --out DIR`."""
+"""Command line: `python -m agecgan prepare`, `age PHOTO... --out DIR` and `export DIR OUT`."""
 
 import argparse
 import sys
@@ -74,6 +74,27 @@ def _age(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from agecgan.checkpoints import NETWORK_FILES, export_model, load_config, load_network
+
+    source = Path(args.model)
+    try:
+        config = load_config(source)
+        names = [name for name, file in NETWORK_FILES.items() if (source / file).is_file()]
+        networks = {name: load_network(source, name) for name in names}
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"{source}: {error}", file=sys.stderr)
+        return 1
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.dtype]
+    export_model(args.out, config, dtype, **networks)
+    for name in names:
+        size = (Path(args.out) / NETWORK_FILES[name]).stat().st_size / 2**20
+        print(f"{Path(args.out) / NETWORK_FILES[name]}: {size:.1f} MiB")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agecgan", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     age.add_argument("--frames", type=int, default=30, help="GIF frames from youngest to oldest")
     age.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda...")
     age.set_defaults(run=_age)
+
+    export = commands.add_parser(
+        "export",
+        help="copy a model folder's networks in another precision (fp16: what checkpoints/ ships)",
+        description="Loads each network strictly and writes it with config.json; networks "
+        "stored in fp16 load back as fp32.",
+    )
+    export.add_argument("model", help="model folder (config.json + *.safetensors)")
+    export.add_argument("out", help="folder to write (existing network files are replaced)")
+    export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    export.set_defaults(run=_export)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -299,3 +299,23 @@ def test_cli_ages_good_photos_and_names_bad_ones(tmp_path, model, astronaut):
     assert Image.open(out / "good_grid.png").width == 8 * 64
     assert Image.open(out / "good_pasted_60+.jpg").size == (512, 512)
     assert Image.open(out / "good_progression.gif").n_frames == 4 + 2  # forth and back
+
+
+def test_export_writes_fp16_networks_that_load_back_as_fp32(tmp_path):
+    from agecgan.__main__ import main
+
+    torch.manual_seed(0)
+    source = tmp_path / "fp32"
+    export_model(source, TINY, encoder=Encoder(TINY), generator=Generator(TINY))
+    assert main(["export", str(source), str(tmp_path / "fp16")]) == 0
+    stored = load_file(tmp_path / "fp16" / "generator.safetensors")
+    assert {value.dtype for value in stored.values() if value.is_floating_point()} == {
+        torch.float16
+    }
+    assert not (tmp_path / "fp16" / "discriminator.safetensors").exists()  # none in the source
+    pipeline = AgingPipeline.from_pretrained(tmp_path / "fp16", device="cpu")
+    original = load_file(source / "generator.safetensors")
+    for key, value in pipeline.generator.state_dict().items():
+        assert value.dtype == original[key].dtype
+        assert torch.allclose(value, original[key], rtol=1e-3, atol=1e-3), key
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
