@@ -186,7 +186,8 @@ def _photo_path(photo) -> tuple[str, str]:
 
 
 def _input_age(value: float | None) -> int | None:
-    if value is None or value == "":
+    # Gradio's number box shows and sends 0 until someone types in it: 0 means "not given".
+    if value is None or value == "" or value == 0:
         return None  # the pipeline assumes 19-29 and says so
     try:
         age = round(float(value))
@@ -285,7 +286,7 @@ def build_demo(pipeline: AgingPipeline | None, message: str | None = None) -> gr
                 )
                 input_age = gr.Number(
                     label="Age of the person in the photo (years)",
-                    info="Sets the age of the reconstruction. Empty: 19-29 is assumed.",
+                    info="Sets the age of the reconstruction. 0 or empty: 19-29 is assumed.",
                     precision=0,
                     minimum=1,
                     maximum=120,

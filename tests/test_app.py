@@ -140,6 +140,13 @@ def test_bundled_examples_age(pipeline, name):
     assert path.is_file()  # examples are ours: never deleted like an upload
 
 
+@pytest.mark.parametrize("untouched", [None, 0])  # the page's number box starts at 0
+def test_an_age_left_empty_assumes_the_default_bucket(pipeline, grace_hopper, untouched):
+    outputs = age(pipeline, grace_hopper, input_age=untouched)
+    assert outputs[0][0][1] == "reconstruction (19-29)"
+    assert "input age not given: assumed 19-29" in outputs[3]
+
+
 def test_identity_optimization_reports_progress(pipeline, grace_hopper):
     calls = []
     outputs = webapp.age_photo(
@@ -230,7 +237,8 @@ def test_a_photo_over_the_pixel_cap_is_refused(monkeypatch, pipeline, grace_hopp
     [
         (None, None, 0, "Upload a photo, take one with the webcam, or pick an example first"),
         ({"path": None}, None, 0, "Upload a photo"),
-        ("photo.png", 0, 0, "The age must be between 1 and 120 years, not 0"),
+        ("photo.png", -3, 0, "The age must be between 1 and 120 years, not -3"),
+        ("photo.png", 121, 0, "The age must be between 1 and 120 years, not 121"),
         ("photo.png", "old", 0, "The age must be a number of years"),
         ("photo.png", 30, 1000, "Identity steps must be between 0 and 100"),
     ],

@@ -1,0 +1,405 @@
+"""The Streamlit page: age a face from a photo, the webcam or an example; blend ages; get the GIF.
+
+    streamlit run app/streamlit_app.py                  # the shipped checkpoints/
+    streamlit run app/streamlit_app.py -- --model DIR   # or AGECGAN_MODEL=DIR
+
+The same steps, limits and messages as the Gradio app (app/app.py, whose constants it shares);
+uploads stay in memory, and one user's aged photo lives in their session only.
+"""
+
+import argparse
+import hashlib
+import io
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+from streamlit.delta_generator import DeltaGenerator
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run app/streamlit_app.py` where agecgan is not installed
+    sys.path.insert(0, str(ROOT))
+
+# Streamlit puts the script's folder first on sys.path while the page runs: `app` is app/app.py.
+import app as gradio_app  # noqa: E402
+from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS  # noqa: E402
+from agecgan.align import FaceNotFoundError, ImageReadError  # noqa: E402
+from agecgan.pipeline import (  # noqa: E402
+    DEFAULT_MODEL,
+    IDENTITY_STEPS,
+    AgingPipeline,
+    AgingResult,
+    age_weights,
+    read_photo,
+)
+
+EXAMPLES = {  # the Gradio app's examples: name -> (file in app/examples, age in years or None)
+    "Grace Hopper": ("grace_hopper.jpg", 77),
+    "Eileen Collins": ("eileen_collins.jpg", None),
+    "The cameraman": ("cameraman.jpg", None),
+}
+PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]  # what PIL reads
+MAX_UPLOAD_MB = int(gradio_app.MAX_UPLOAD.removesuffix("mb"))  # the Gradio app's "25mb"
+# Photos are shown at most this wide: Streamlit would otherwise shrink (and re-encode) a larger
+# one on every rerun, that is at every move of a slider.
+PHOTO_SIDE = 1024
+SOURCES = ("Upload", "Webcam", "Example")  # the webcam asks for permission only when chosen
+
+DESCRIPTION = """
+Upload a photo, take one with the webcam or pick an example: the page finds the largest face,
+encodes it into the generator's latent z, and draws that face at six ages, 0-18 to 60+. Then
+blend the ages with the sliders, or sweep one continuous age, without encoding again. Photos
+stay in this server's memory, for your session only; nothing is written to disk.
+"""
+
+log = logging.getLogger(__name__)
+
+
+class PhotoError(ValueError):
+    """A photo the page cannot age; the message is for the user."""
+
+
+@dataclass
+class Aged:
+    """One photo aged, kept in st.session_state: the sliders re-render from z without E or
+    identity optimization. Images are kept encoded, as the page sends them on every rerun."""
+
+    key: tuple  # the photo's SHA-256 and the options it was aged with
+    result: AgingResult  # aged and pasted emptied (the bytes below hold them); render needs z
+    faces: list[bytes]  # PNG: the aligned input, the reconstruction, the six ages
+    captions: list[str]
+    photos: list[bytes]  # JPEG: the six ages pasted into the photo
+    gif: bytes  # the progression, youngest to oldest and back
+    notes: list[str]  # what reading and aging changed or assumed
+
+
+def model_folder(argv: list[str]) -> str | None:
+    """--model after `--` on the command line, else $AGECGAN_MODEL, else None (checkpoints/)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model")
+    args, _ = parser.parse_known_args(argv)  # under a test runner, argv is the runner's
+    return args.model or os.environ.get("AGECGAN_MODEL") or None
+
+
+@st.cache_resource(show_spinner="Loading the model...")
+def load_pipeline(folder: str | None) -> AgingPipeline:
+    """One pipeline per model folder for the whole server; a failure is not cached, so a
+    model trained into the folder later is found without a restart."""
+    return AgingPipeline.from_pretrained(folder)
+
+
+@st.cache_resource
+def aging_slots() -> threading.BoundedSemaphore:
+    """A CPU ages one or two photos at a time efficiently: the others wait for a slot."""
+    return threading.BoundedSemaphore(gradio_app.AGE_CONCURRENCY)
+
+
+def read_upload(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
+    """Bytes in memory -> upright RGB photo and notes, as strict as read_photo is with a file
+    (size cap, truncation, format), then shrunk to the Gradio app's MAX_PHOTO_SIDE."""
+    if len(data) > MAX_UPLOAD_MB * 2**20:  # the browser refuses these; a script may not
+        raise PhotoError(f"{name} is larger than the {MAX_UPLOAD_MB} MB allowed for a photo.")
+    try:
+        image, notes = read_photo(_open(data, name))
+    except Exception as error:  # ImageReadError, or what PIL's decoders raise beyond it
+        # (a corrupt TIFF: TypeError): whatever the reason, the user's file is unreadable.
+        raise PhotoError(f"This file could not be read as a photo: {error}") from error
+    if max(image.size) > gradio_app.MAX_PHOTO_SIDE:
+        original = image.size
+        side = gradio_app.MAX_PHOTO_SIDE
+        image = image.copy()
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        notes.append(
+            f"large photo: shrunk from {original[0]}x{original[1]} to "
+            f"{image.width}x{image.height} px"
+        )
+    return image, notes
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    """Decode bytes fully, refusing what read_photo refuses in a file: more pixels than
+    PIL.Image.MAX_IMAGE_PIXELS (PIL itself refuses only twice that), truncated files."""
+    buffer = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(buffer)  # reads the header only
+        width, height = image.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and width * height > limit:
+            raise ImageReadError(
+                f"cannot read {name}: {width}x{height} is more than the {limit:,} "
+                "pixels allowed (PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?"
+            )
+        image.load()
+    except (OSError, EOFError, Image.DecompressionBombError) as error:
+        message = str(error).replace(repr(buffer), repr(name))  # PIL names the buffer
+        raise ImageReadError(f"cannot read {name}: {message}") from error
+    return image
+
+
+def encode(image: Image.Image, image_format: str) -> bytes:
+    """PNG (faces) or JPEG (photos, at most PHOTO_SIDE): what st.image sends as it is."""
+    if image_format == "JPEG" and max(image.size) > PHOTO_SIDE:
+        image = image.copy()
+        image.thumbnail((PHOTO_SIDE, PHOTO_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if image_format == "JPEG":
+        image.save(buffer, image_format, quality=90)  # photos: as the Gradio app saves them
+    else:
+        image.save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def progression_gif(pipeline: AgingPipeline, result: AgingResult) -> bytes:
+    """The Gradio app's progression GIF, written as pipeline.save_gif writes it (forth, then
+    back without repeating the ends), into memory: save_gif takes a path."""
+    frames = pipeline.progression(result, frames=gradio_app.GIF_FRAMES)
+    frames = frames + frames[-2:0:-1]
+    buffer = io.BytesIO()
+    frames[0].save(
+        buffer,
+        "GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=gradio_app.GIF_FRAME_MS,
+        loop=0,
+    )
+    return buffer.getvalue()
+
+
+def age_photo(
+    pipeline: AgingPipeline,
+    data: bytes,
+    name: str,
+    input_age: int | None,
+    identity: bool,
+    steps: int,
+) -> Aged:
+    """The session's Aged for this photo and these options: made once (progress bar), then
+    reused on every rerun, so that moving a slider never encodes or optimizes again."""
+    identity = identity and steps > 0
+    key = (hashlib.sha256(data).hexdigest(), input_age, identity, steps if identity else 0)
+    cached = st.session_state.get("aged")
+    if cached is not None and cached.key == key:
+        return cached
+    st.session_state.pop("aged", None)  # one photo per session in memory, not two
+    start = time.perf_counter()
+    bar = st.progress(0.0, text="reading the photo")
+    losses = []
+
+    def progress(step: int, total: int, loss: float) -> None:
+        losses.append(loss)
+        bar.progress(step / total, text=f"preserving identity (loss {loss:.3f})")
+
+    try:
+        image, read_notes = read_upload(data, name)
+        result, gif = _age(pipeline, image, input_age, identity, steps, progress, bar)
+    except BaseException:  # a user error, or Streamlit stopping this run for a newer one
+        bar.empty()
+        raise
+    done = f"Aged in {time.perf_counter() - start:.1f} s"
+    if losses:
+        done += f" (identity loss {losses[-1]:.3f} after {len(losses)} steps)"
+    bar.progress(1.0, text=done)
+    size = result.reconstruction.size
+    faces = [result.aligned.resize(size, Image.Resampling.LANCZOS), result.reconstruction]
+    captions = ["input (aligned)", f"reconstruction ({BUCKET_LABELS[result.input_bucket]})"]
+    st.session_state["aged"] = Aged(
+        key=key,
+        result=replace(result, aged=[], pasted=[]),
+        faces=[encode(face, "PNG") for face in faces + result.aged],
+        captions=captions + list(BUCKET_LABELS),
+        photos=[encode(photo, "JPEG") for photo in result.pasted],
+        gif=gif,
+        notes=read_notes + result.notes,
+    )
+    return st.session_state["aged"]
+
+
+def _age(
+    pipeline: AgingPipeline,
+    image: Image.Image,
+    input_age: int | None,
+    identity: bool,
+    steps: int,
+    progress: Callable[[int, int, float], None],
+    bar: DeltaGenerator,
+) -> tuple[AgingResult, bytes]:
+    """The pipeline and the progression GIF, in one of the server's aging slots."""
+    slots = aging_slots()
+    while not slots.acquire(timeout=0.5):  # each st call lets Streamlit end a run gone stale
+        bar.progress(0.0, text="waiting: other photos are being aged")
+    try:
+        bar.progress(0.0, text="finding the face")
+        result = pipeline(
+            image,
+            input_age=input_age,
+            optimize_identity=identity,
+            identity_steps=steps,
+            progress=progress,
+            output_size=gradio_app.OUTPUT_SIZE,
+        )
+        bar.progress(1.0, text="making the progression")
+        return result, progression_gif(pipeline, result)
+    except FaceNotFoundError as error:
+        raise PhotoError(
+            f"{gradio_app._capitalized(error)}. Try a photo where the face is larger, "
+            "frontal and well lit."
+        ) from error
+    finally:
+        slots.release()
+
+
+def photo_input() -> tuple[bytes, str] | None:
+    """The chosen photo as bytes and a display name, from the sidebar; None if none yet."""
+    source = st.radio("Photo", SOURCES, horizontal=True, key="source")
+    if source == "Upload":
+        upload = st.file_uploader(
+            "Upload a photo", type=PHOTO_TYPES, max_upload_size=MAX_UPLOAD_MB, key="upload"
+        )
+        return (upload.getvalue(), upload.name) if upload else None
+    if source == "Webcam":
+        shot = st.camera_input("Take a photo", key="camera")
+        return (shot.getvalue(), "webcam photo") if shot else None
+    example = st.selectbox(
+        "Example",
+        EXAMPLES,
+        index=None,
+        placeholder="Pick an example",
+        key="example",
+        on_change=_example_chosen,
+    )
+    if example is None:
+        return None
+    return (gradio_app.EXAMPLES / EXAMPLES[example][0]).read_bytes(), example
+
+
+def _example_chosen() -> None:
+    """An example brings its age along (None where it is not known), as in the Gradio app."""
+    example = st.session_state.example
+    if example is not None:
+        st.session_state.input_age = EXAMPLES[example][1]
+
+
+def _follow_position() -> None:
+    """The continuous age slider sets the six bucket weights (they then render the blend)."""
+    for bucket, weight in enumerate(age_weights(st.session_state.position)):
+        st.session_state[f"weight_{bucket}"] = round(float(weight), 3)
+
+
+def show(pipeline: AgingPipeline, aged: Aged) -> None:
+    """The seven faces, the notes, the blend sliders and their face and photo, the GIF."""
+    for column, face, caption in zip(
+        st.columns(len(aged.faces)), aged.faces, aged.captions, strict=True
+    ):
+        column.image(face, caption=caption, output_format="PNG", width="stretch")
+    for note in aged.notes:  # "N faces found; the largest ... was used" is worth a warning
+        (st.warning if " faces found; " in note else st.info)(note)
+
+    st.subheader("Blend ages")
+    st.session_state.setdefault("position", gradio_app.START_POSITION)
+    for bucket, weight in enumerate(age_weights(gradio_app.START_POSITION)):
+        st.session_state.setdefault(f"weight_{bucket}", round(float(weight), 3))
+    sliders, blended_face, blended_photo = st.columns([1, 1, 2])
+    with sliders:
+        st.slider(
+            "Age, young to old",
+            0.0,
+            float(NUM_BUCKETS - 1),
+            step=0.05,
+            key="position",
+            on_change=_follow_position,
+            help="0 = 0-18, 1 = 19-29, ... 5 = 60+; sets the six sliders below",
+        )
+        weights = [
+            st.slider(f"Weight of {label}", 0.0, 1.0, step=0.05, key=f"weight_{bucket}")
+            for bucket, label in enumerate(BUCKET_LABELS)
+        ]
+    if sum(weights) > 0:
+        face, photo = pipeline.render(aged.result, weights)
+        blended_face.image(encode(face, "PNG"), caption="Blended face", output_format="PNG")
+        blended_photo.image(
+            encode(photo, "JPEG"), caption="Blended, in the photo", output_format="JPEG"
+        )
+    else:
+        blended_face.warning("Set at least one age slider above 0.")
+
+    st.subheader("Progression, youngest to oldest")
+    st.image(aged.gif, width=256)
+    st.download_button(
+        "Download the progression (GIF)",
+        aged.gif,
+        file_name="progression.gif",
+        mime="image/gif",
+        on_click="ignore",  # a download needs no rerun
+    )
+    with st.expander("Every age in the photo"):
+        columns = st.columns(3)
+        for index, (photo, label) in enumerate(zip(aged.photos, BUCKET_LABELS, strict=True)):
+            columns[index % 3].image(photo, caption=label, output_format="JPEG", width="stretch")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Age-cGAN", layout="wide")
+    st.title("Age-cGAN: one face at every age")
+    st.markdown(DESCRIPTION)
+    folder = model_folder(sys.argv[1:])
+    try:
+        pipeline = load_pipeline(folder)
+    except FileNotFoundError as error:
+        st.error(gradio_app.NO_MODEL if folder is None else str(error))
+        st.caption("Here: `streamlit run app/streamlit_app.py -- --model DIR`")
+        return
+    except Exception as error:  # a damaged file, a folder of another architecture
+        log.exception("the model could not be loaded")
+        st.error(f"The model in {folder or DEFAULT_MODEL} could not be loaded: {error}")
+        return
+    with st.sidebar:
+        photo = photo_input()
+        input_age = st.number_input(
+            "Age of the person in the photo (years)",
+            min_value=1,
+            max_value=120,
+            value=None,
+            step=1,
+            placeholder="unknown: 19-29 is assumed",
+            key="input_age",
+            help="Sets the age of the reconstruction. Empty: 19-29 is assumed.",
+        )
+        identity = st.toggle(
+            "Preserve identity",
+            value=True,
+            help="Optimize z so that a face-recognition network sees the same person (slower).",
+        )
+        steps = st.slider(
+            "Identity steps",
+            0,
+            gradio_app.MAX_IDENTITY_STEPS,
+            IDENTITY_STEPS,
+            disabled=not identity,
+        )
+    if photo is None:
+        st.info("Upload a photo, take one with the webcam, or pick an example first.")
+        return
+    try:
+        aged = age_photo(pipeline, *photo, input_age, identity, steps)
+    except PhotoError as error:
+        st.error(str(error))
+        return
+    show(pipeline, aged)
+
+
+try:
+    main()
+except Exception as error:  # a bug, not the user's photo: a message here, the trace in the log
+    log.exception("the page failed")
+    st.error(f"Something went wrong on our side ({type(error).__name__}: {error}).")
