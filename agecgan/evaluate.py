@@ -152,6 +152,7 @@ class RealReference:
 
     images: np.ndarray  # (N, 64, 64, 3) uint8
     buckets: np.ndarray  # (N,) true buckets
+    ages: np.ndarray  # (N,) true ages in years
     estimated: np.ndarray  # (N,) the age estimator's bucket
     estimated_age: np.ndarray  # (N,) its expected age in years
     features: np.ndarray  # (N, 2048) FID Inception features
@@ -184,7 +185,8 @@ class AgingEvaluation:
     kid: float
     floor_fid: float  # real against real: two halves of the test split
     floor_kid: float
-    reconstruction: dict = field(default_factory=dict)  # FR on G(E(x), true y), source "test"
+    # FR on G(E(x), true y) for source "test": verified, mean_distance, distances (per face)
+    reconstruction: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -201,7 +203,7 @@ def real_reference(data: str | Path, estimator, inception) -> RealReference:
     evaluation_reference.npz (the Inception features of 2,379 faces take minutes on a CPU) and
     recomputed when the test faces change."""
     test = FaceDataset.load(data, split="test")
-    images, buckets = test.images.numpy(), test.buckets.numpy()
+    images, buckets, ages = test.images.numpy(), test.buckets.numpy(), test.ages.numpy()
     digest = hashlib.sha256(images.tobytes()).hexdigest()
     folder = Path(data) if Path(data).is_dir() else Path(data).parent
     cache = folder / REFERENCE_NAME
@@ -212,6 +214,7 @@ def real_reference(data: str | Path, estimator, inception) -> RealReference:
                     return RealReference(
                         images,
                         buckets,
+                        ages,
                         stored["estimated"],
                         stored["estimated_age"],
                         stored["features"],
@@ -221,6 +224,7 @@ def real_reference(data: str | Path, estimator, inception) -> RealReference:
     reference = RealReference(
         images=images,
         buckets=buckets,
+        ages=ages,
         estimated=estimator.buckets(images),
         estimated_age=estimator.ages(images),
         features=inception.features(images),
@@ -292,11 +296,11 @@ def evaluate_aging(
         with torch.inference_mode():
             target = torch.cat([recognizer(chunk) for chunk in x.split(128)])
 
-    def identity_of(images: np.ndarray) -> tuple[float, float]:
+    def identity_of(images: np.ndarray) -> tuple[float, float, np.ndarray]:
         with torch.inference_mode():
             faces_in = to_model_range(torch.from_numpy(images))
             d = distance(torch.cat([recognizer(c) for c in faces_in.split(128)]), target)
-        return (d < SAME_PERSON_THRESHOLD).float().mean().item(), d.mean().item()
+        return (d < SAME_PERSON_THRESHOLD).float().mean().item(), d.mean().item(), d.numpy()
 
     generated_features = []
     rows = []
@@ -309,7 +313,7 @@ def evaluate_aging(
         bucket_fid, kid, kid_std = _fid_and_kid(features, reference.features[real])
         verified = mean_distance = None
         if source == "test":
-            verified, mean_distance = identity_of(faces[bucket])
+            verified, mean_distance, _ = identity_of(faces[bucket])
         rows.append(
             BucketRow(
                 bucket=bucket,
@@ -337,8 +341,9 @@ def evaluate_aging(
     reconstruction = {}
     if source == "test":
         own = reference.buckets[:count]
-        verified, mean_distance = identity_of(faces[own, np.arange(count)])
+        verified, mean_distance, d = identity_of(faces[own, np.arange(count)])
         reconstruction = {"verified": verified, "mean_distance": mean_distance}
+        reconstruction["distances"] = [round(float(v), 4) for v in d]
     evaluation = AgingEvaluation(
         model=str(model),
         source=source,
@@ -394,21 +399,31 @@ def _separator(head: str) -> str:
     return "|---" + "|---:" * (columns - 1) + "|"
 
 
-def aging_grid(inputs: np.ndarray, faces: np.ndarray, buckets: np.ndarray, rows: int = 8):
-    """Test faces (rows): the input, its reconstruction at its true age, then the six ages."""
-    rows = min(rows, len(inputs))
+def aging_grid(inputs: np.ndarray, faces: np.ndarray, buckets: np.ndarray, rows=8):
+    """Test faces (rows: a count, or which faces): the input, its reconstruction at its true
+    age, then the six ages."""
+    chosen = list(range(min(rows, len(inputs)))) if isinstance(rows, int) else list(rows)
     labels = ["input", "reconstruction", *BUCKET_LABELS]
     size, band = 64, 14
-    grid = Image.new("RGB", (size * len(labels), band + size * rows), "white")
+    grid = Image.new("RGB", (size * len(labels), band + size * len(chosen)), "white")
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=9)
     for column, label in enumerate(labels):
         draw.text((column * size + size / 2, band / 2), label, fill="black", font=font, anchor="mm")
-    for row in range(rows):
+    for place, row in enumerate(chosen):
         tiles = [inputs[row], faces[buckets[row], row], *faces[:, row]]
         for column, tile in enumerate(tiles):
-            grid.paste(Image.fromarray(tile), (column * size, band + row * size))
+            grid.paste(Image.fromarray(tile), (column * size, band + place * size))
     return grid
+
+
+def hard_cases(evaluation: AgingEvaluation, ages: np.ndarray, count: int = 4) -> list[int]:
+    """Which evaluated faces to show as failures: the youngest (babies), then those whose
+    reconstruction FR finds least like the input (profiles, glasses, occlusions among them)."""
+    youngest = [int(i) for i in np.argsort(ages[: evaluation.count], kind="stable")[:count]]
+    distances = np.asarray(evaluation.reconstruction.get("distances", []))
+    worst = [int(i) for i in np.argsort(-distances, kind="stable") if int(i) not in youngest]
+    return youngest + worst[:count]
 
 
 def aging_plot(evaluation: AgingEvaluation, path: Path) -> None:
@@ -444,10 +459,14 @@ def write_report(
     inputs: np.ndarray,
     faces: np.ndarray,
     buckets: np.ndarray,
+    ages: np.ndarray | None = None,
 ) -> Path:
-    """evaluation.md, evaluation.json, grid.png and ages.png in `out`."""
+    """evaluation.md, evaluation.json, grid.png, ages.png and (with the true ages)
+    failures.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     aging_grid(inputs, faces, buckets).save(out / "grid.png")
+    if ages is not None and evaluation.reconstruction:
+        aging_grid(inputs, faces, buckets, hard_cases(evaluation, ages)).save(out / "failures.png")
     aging_plot(evaluation, out / "ages.png")
     parts = [
         f"# Evaluation of {evaluation.model}",
@@ -473,6 +492,14 @@ def write_report(
             f"{evaluation.reconstruction['mean_distance']:.3f}.",
         ]
     parts += ["", "![ages](ages.png)", "", "![grid](grid.png)"]
+    if (out / "failures.png").is_file():
+        parts += [
+            "",
+            "Hard cases: the four youngest evaluated faces, then the four whose reconstruction "
+            "FR finds least like the input.",
+            "",
+            "![hard cases](failures.png)",
+        ]
     if identity_rows:
         parts += [
             "",
@@ -585,7 +612,7 @@ def run_aging(args: argparse.Namespace) -> int:
         )
     out = Path(args.out) if args.out else Path(args.model) / "evaluation"
     path = write_report(
-        out, evaluation, identity_rows, args.steps, inputs, faces, reference.buckets
+        out, evaluation, identity_rows, args.steps, inputs, faces, reference.buckets, reference.ages
     )
     print(path.read_text())
     return 0

@@ -89,6 +89,20 @@ def read_photo(photo: str | Path | Image.Image | np.ndarray) -> tuple[Image.Imag
     return load_image(photo), notes
 
 
+def shrink_to(image: Image.Image, side: int, notes: list[str]) -> Image.Image:
+    """The photo with its longer side at most `side` px (Lanczos), noting it when it shrank:
+    what the apps do to an upload before aging it, to bound time and memory."""
+    if max(image.size) <= side:
+        return image
+    original = image.size
+    image = image.copy()
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    notes.append(
+        f"large photo: shrunk from {original[0]}x{original[1]} to {image.width}x{image.height} px"
+    )
+    return image
+
+
 def is_gray(image: Image.Image) -> bool:
     rgb = np.asarray(image)
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())

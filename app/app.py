@@ -29,6 +29,7 @@ from agecgan.pipeline import (  # noqa: E402
     age_weights,
     read_photo,
     save_gif,
+    shrink_to,
 )
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -209,15 +210,7 @@ def _read_upload(path: str, name: str) -> tuple[Image.Image, list[str]]:
         raise gr.Error(f"This file could not be read as a photo: {message}") from error
     finally:
         _delete_upload(path)
-    if max(image.size) > MAX_PHOTO_SIDE:
-        original = image.size
-        image = image.copy()
-        image.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE), Image.Resampling.LANCZOS)
-        notes.append(
-            f"large photo: shrunk from {original[0]}x{original[1]} to "
-            f"{image.width}x{image.height} px"
-        )
-    return image, notes
+    return shrink_to(image, MAX_PHOTO_SIDE, notes), notes
 
 
 def _delete_upload(path: str) -> None:

@@ -39,6 +39,7 @@ from agecgan.pipeline import (  # noqa: E402
     AgingResult,
     age_weights,
     read_photo,
+    shrink_to,
 )
 
 EXAMPLES = {  # the Gradio app's examples: name -> (file in app/examples, age in years or None)
@@ -112,16 +113,7 @@ def read_upload(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
     except Exception as error:  # ImageReadError, or what PIL's decoders raise beyond it
         # (a corrupt TIFF: TypeError): whatever the reason, the user's file is unreadable.
         raise PhotoError(f"This file could not be read as a photo: {error}") from error
-    if max(image.size) > gradio_app.MAX_PHOTO_SIDE:
-        original = image.size
-        side = gradio_app.MAX_PHOTO_SIDE
-        image = image.copy()
-        image.thumbnail((side, side), Image.Resampling.LANCZOS)
-        notes.append(
-            f"large photo: shrunk from {original[0]}x{original[1]} to "
-            f"{image.width}x{image.height} px"
-        )
-    return image, notes
+    return shrink_to(image, gradio_app.MAX_PHOTO_SIDE, notes), notes
 
 
 def _open(data: bytes, name: str) -> Image.Image:

@@ -41,3 +41,12 @@ def aligner():
     torch.set_num_threads(1)
     yield default_aligner()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory):
+    """Gradio's cache folder for this module: where uploads land and results are served."""
+    folder = tmp_path_factory.mktemp("gradio")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(folder))
+        yield folder

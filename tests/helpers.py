@@ -1,4 +1,10 @@
-"""Shared by the tests: a tiny architecture that trains in milliseconds."""
+"""Shared by the tests: a tiny architecture that trains in milliseconds, a free port, the
+Gradio app as a module."""
+
+import importlib.util
+import socket
+import sys
+from pathlib import Path
 
 from agecgan import AgeCGANConfig
 
@@ -10,3 +16,22 @@ TINY = AgeCGANConfig(
     generator_widths=(8, 8, 4),
     discriminator_widths=(4, 8, 8, 8),
 )
+
+
+def free_port() -> int:
+    """A loopback port that is free now (for a test server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def load_app(name: str = "agecgan_app"):
+    """app/app.py as a module: a script folder, importable however pytest was started."""
+    path = Path(__file__).resolve().parents[1] / "app" / "app.py"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

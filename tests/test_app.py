@@ -1,10 +1,7 @@
 """The Gradio app on a tiny model: handlers on good and broken photos, API under load, no model."""
 
 import hashlib
-import importlib.util
-import socket
 import struct
-import sys
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from gradio.utils import get_upload_folder
-from helpers import TINY
+from helpers import TINY, free_port, load_app
 from PIL import Image
 
 import agecgan.pipeline
@@ -29,25 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")
 FRAMES = 2 * 24 - 2  # the GIF: 24 frames forth, then back without repeating the ends
 
 
-def load_app():
-    """app/app.py as a module: a script folder, importable however pytest was started."""
-    spec = importlib.util.spec_from_file_location("agecgan_app", ROOT / "app" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 webapp = load_app()
-
-
-@pytest.fixture(scope="module")
-def uploads(tmp_path_factory):
-    """Gradio's cache folder for this module: where uploads land and results are served."""
-    folder = tmp_path_factory.mktemp("gradio")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GRADIO_TEMP_DIR", str(folder))
-        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -287,12 +266,6 @@ def test_sliders_render_from_the_session(pipeline, grace_hopper):
     with pytest.raises(gr.Error) as error:
         webapp.sweep(pipeline, None, 2)
     assert "Age a photo first" in error.value.message
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_api_answers_ten_concurrent_users(tmp_path, monkeypatch, uploads, pipeline, astronaut):

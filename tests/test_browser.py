@@ -5,20 +5,17 @@ AGECGAN_SKIP_BROWSER=1 to skip these tests instead. Playwright drives that Chrom
 no browser is downloaded, and the page may fetch nothing from outside 127.0.0.1.
 """
 
-import importlib.util
 import io
 import os
 import re
 import shutil
-import socket
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, free_port, load_app
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
@@ -40,31 +37,7 @@ AGE_BOX = "Age of the person in the photo (years)"
 pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")
 
 
-def load_app():
-    """app/app.py as a module of its own (test_app.py loads another copy)."""
-    spec = importlib.util.spec_from_file_location("agecgan_app_browser", ROOT / "app" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-webapp = load_app()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def uploads(tmp_path_factory):
-    """Gradio's cache folder for this module: where uploads land and results are served."""
-    folder = tmp_path_factory.mktemp("gradio")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GRADIO_TEMP_DIR", str(folder))
-        yield folder
+webapp = load_app("agecgan_app_browser")  # a copy of its own
 
 
 @pytest.fixture(scope="module")

@@ -121,11 +121,15 @@ def test_report_measures_every_bucket_and_caches_the_real_faces(tmp_path):
         assert row.real_count == 2 and 0 < row.mean_age < 81
         assert row.fid > 0 and 0 <= row.verified <= 1 and row.mean_distance > 0
     assert evaluation.fid > 0 and evaluation.floor_fid >= 0
-    assert set(evaluation.reconstruction) == {"verified", "mean_distance"}
+    assert set(evaluation.reconstruction) == {"verified", "mean_distance", "distances"}
+    assert len(evaluation.reconstruction["distances"]) == 6
     table = aging_table(evaluation)
     assert table.count("\n") == 8 and "| 60+ |" in table and "all (mean of buckets)" in table
-    path = write_report(tmp_path / "report", evaluation, None, 0, inputs, faces, reference.buckets)
-    assert "## Aging" in path.read_text()
+    report = tmp_path / "report"
+    truth = reference.buckets, reference.ages
+    path = write_report(report, evaluation, None, 0, inputs, faces, *truth)
+    assert "## Aging" in path.read_text() and "![hard cases](failures.png)" in path.read_text()
+    assert Image.open(report / "failures.png").size == (8 * 64, 14 + 6 * 64)  # 4 + 2 of 6 faces
     assert Image.open(tmp_path / "report" / "grid.png").size == (8 * 64, 14 + 6 * 64)
     assert Image.open(tmp_path / "report" / "ages.png").size[0] > 500
     random_z, _, _ = evaluate_aging(

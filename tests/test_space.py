@@ -4,7 +4,6 @@ environment, agecgan imported from the folder, not from an install)."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import gradio
 import pytest
 import torch
 import yaml
-from helpers import TINY
+from helpers import TINY, free_port
 
 from agecgan.checkpoints import export_model
 from agecgan.networks import Encoder, Generator
@@ -51,12 +50,6 @@ def test_the_space_folder_has_what_a_space_runs(tmp_path):
         assert (out / needed).is_file(), needed
     assert (out / "checkpoints/face_recognition/dlib_resnet_v1.safetensors").is_file()
     assert not (out / "tests").exists() and not (out / ".ci").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_space_folder_starts_as_a_space_starts_it(tmp_path, grace_hopper):

@@ -4,7 +4,6 @@ uploads and the webcam, blend sliders, broken photos, no model; and `streamlit r
 import io
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, free_port
 from PIL import Image
 
 pytest.importorskip("streamlit")
@@ -250,12 +249,6 @@ def test_several_faces_age_the_largest_and_say_so(page, astronaut, grace_hopper)
     assert warning.value.endswith(") was used")
     assert at.session_state["aged"].result.box[0] > 512  # Grace Hopper's, on the right
     assert list(faces(at))[2:] == list(BUCKET_LABELS)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_streamlit_run_serves_the_page(tmp_path, model):
