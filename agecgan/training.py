@@ -79,6 +79,9 @@ class GanOptions(RunOptions):
     real_label: float = 0.9  # one-sided label smoothing on real faces, as the recipe
     fake_label: float = 0.0  # the recipe's fake labels (its zeros * 0.1 is 0)
     hflip: bool = False  # random horizontal flips of real faces (not in the recipe)
+    # D also learns that real faces shown with a wrong age are fake: a matching-aware D (Reed et
+    # al. 2016, GAN-CLS), which makes D judge the age and so pushes G to heed y (not in the recipe)
+    mismatched_ages: bool = False
     keras_modes: bool = False  # literal Keras: fakes for D from G in eval mode, D frozen in eval
     config: dict = field(default_factory=lambda: AgeCGANConfig().to_dict())
 
@@ -419,7 +422,10 @@ def train_gan(options: GanOptions) -> TrainResult:
         d_losses, g_loss = gan_step(
             G, D, G_ddp, D_ddp, optimizer_g, optimizer_d, x, y, noise, options, runtime
         )
-        return {"loss/d_real": d_losses[0], "loss/d_fake": d_losses[1], "loss/g": g_loss}
+        losses = {"loss/d_real": d_losses[0], "loss/d_fake": d_losses[1], "loss/g": g_loss}
+        if options.mismatched_ages:
+            losses["loss/d_mismatch"] = d_losses[2]  # real faces with a wrong age
+        return losses
 
     def state() -> dict:
         return {
@@ -484,13 +490,26 @@ def gan_step(
         fake = G(z, y).float().contiguous(memory_format=memory_format)
     D_ddp.train()
     d_losses = []
+    mismatch = None
     for faces, target in ((x, options.real_label), (fake, options.fake_label)):
         with autocast(runtime, options.precision):
-            d_loss = adversarial_loss(D_ddp(faces, y), target)
+            if options.mismatched_ages and faces is x:
+                # The same real faces twice in one forward, with their ages and with another
+                # bucket's (as fakes): one batch, so batch norm sees the recipe's real batch.
+                shift = torch.randint(1, NUM_BUCKETS, (B,), generator=noise).to(device)
+                wrong = one_hot((y.argmax(1) + shift) % NUM_BUCKETS).to(device)
+                logits = D_ddp(torch.cat([x, x]), torch.cat([y, wrong]))
+                d_loss = adversarial_loss(logits[:B], target)
+                mismatch = adversarial_loss(logits[B:], options.fake_label)
+                step_loss = d_loss + mismatch
+            else:
+                d_loss = step_loss = adversarial_loss(D_ddp(faces, y), target)
         optimizer_d.zero_grad(set_to_none=True)
-        d_loss.backward()
+        step_loss.backward()
         optimizer_d.step()  # one update per batch, as the recipe's two train_on_batch calls
         d_losses.append(d_loss.item())
+    if mismatch is not None:
+        d_losses.append(mismatch.item())
 
     # G learns to fool the frozen D on fresh z and random ages: D gets no weight gradients and
     # no DDP sync here.

@@ -16,8 +16,9 @@ from helpers import TINY
 from PIL import Image
 from safetensors.torch import load_file
 
+from agecgan.ages import one_hot
 from agecgan.checkpoints import load_network, load_training_state
-from agecgan.prepare import save_cache
+from agecgan.prepare import FaceDataset, save_cache, to_model_range
 from agecgan.training import (
     EncoderOptions,
     GanOptions,
@@ -88,6 +89,38 @@ def test_snapshots_keep_fp16_weights_of_chosen_steps(tiny_data, tmp_path):
     for key, value in G.state_dict().items():
         if value.is_floating_point():
             assert torch.allclose(value, finished[key].float(), rtol=1e-3, atol=1e-3), key
+
+
+def test_mismatched_ages_teach_d_to_judge_the_age(tiny_data, tmp_path):
+    faces = FaceDataset.load(tiny_data, split="train")
+    x, right, wrong = (
+        to_model_range(faces.images),
+        one_hot(faces.buckets),
+        one_hot((faces.buckets + 3) % 6),
+    )
+    gaps = {}
+    for mismatched in (False, True):
+        options = gan_options(
+            tiny_data, tmp_path / str(mismatched), epochs=100, max_steps=150, lr_d=1e-3
+        )
+        D = train_gan(dataclasses.replace(options, mismatched_ages=mismatched))
+        D = D.networks["discriminator"].eval()
+        with torch.no_grad():
+            gaps[mismatched] = (D(x, right) - D(x, wrong)).mean().item()
+    # Real faces with their own ages look more real to D than the same faces with other ages,
+    # by far more than the recipe's D, which never sees a real face with a wrong age.
+    assert gaps[True] > 1.0 and gaps[True] > 3 * abs(gaps[False])
+    resumed = gan_options(tiny_data, tmp_path / "resumed", max_steps=3, mismatched_ages=True)
+    train_gan(resumed)
+    straight = train_gan(
+        gan_options(tiny_data, tmp_path / "straight", max_steps=5, mismatched_ages=True)
+    )
+    again = train_gan(dataclasses.replace(resumed, max_steps=5, resume=True))
+    a, b = (
+        straight.networks["discriminator"].state_dict(),
+        again.networks["discriminator"].state_dict(),
+    )
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tiny_data, tmp_path):
