@@ -194,9 +194,10 @@ class AgingPipeline:
         missing = [name for name in needed if not (folder / name).is_file()]
         if missing and path is None:
             raise FileNotFoundError(
-                f"no trained Age-cGAN model ships yet ({folder} lacks {', '.join(missing)}). "
-                "Train one (python train.py gan ..., then python train.py encoder ...; see the "
-                "README) and pass its model folder (e.g. runs/encoder/model) as path, or --model"
+                f"the shipped Age-cGAN model is missing ({folder} lacks {', '.join(missing)}): "
+                "restore it (git checkout checkpoints), or train one (python train.py gan ..., "
+                "then python train.py encoder ...; see the README) and pass its model folder "
+                "(e.g. runs/encoder/model) as path, or --model"
             )
         if missing:
             raise FileNotFoundError(

@@ -34,8 +34,8 @@ from agecgan.pipeline import (  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 NO_MODEL = (
-    "No trained model ships yet; train one with train.py and start the app with --model DIR "
-    "(or set AGECGAN_MODEL)."
+    "The shipped model is missing from checkpoints/ (restore it with git checkout checkpoints), "
+    "or train one with train.py and start the app with --model DIR (or set AGECGAN_MODEL)."
 )
 OUTPUT_SIZE = 256  # side of the faces shown: G makes 64 px, Lanczos enlarges them
 # Photos are shrunk to this side before anything else: the pasted photos stay sharp on screen,

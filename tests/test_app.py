@@ -330,7 +330,7 @@ def test_without_a_model_the_app_starts_and_says_so(tmp_path, monkeypatch, uploa
     monkeypatch.setattr(agecgan.pipeline, "DEFAULT_MODEL", tmp_path)  # no model files
     pipeline, message = webapp.load_pipeline(None)
     assert pipeline is None and message == webapp.NO_MODEL
-    assert "No trained model ships yet; train one with train.py" in message
+    assert "The shipped model is missing from checkpoints/" in message
     assert "--model DIR" in message
     demo = webapp.build_demo(pipeline, message)
     shown = [
@@ -353,7 +353,7 @@ def test_without_a_model_the_app_starts_and_says_so(tmp_path, monkeypatch, uploa
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        with pytest.raises(Exception, match="No trained model ships yet"):
+        with pytest.raises(Exception, match="The shipped model is missing"):
             client.predict(handle_file(str(grace_hopper)), 77, False, 0, api_name="/age")
     finally:
         demo.close()

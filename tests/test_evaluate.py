@@ -145,10 +145,13 @@ def test_report_cli_writes_markdown_json_and_pictures(tmp_path):
     out = tmp_path / "report"
     code = evaluate_main(
         ["report", "--model", str(model), "--data", str(data), "--out", str(out)]
-        + ["--limit", "6", "--identity-limit", "2", "--steps", "1"]
+        + ["--limit", "6", "--identity-limit", "2", "--steps", "1", "--aging-steps", "1"]
     )
     assert code == 0
     text = (out / "evaluation.md").read_text()
     assert "## Identity of reconstructions (2 test faces)" in text and "![grid](grid.png)" in text
     record = json.loads((out / "evaluation.json").read_text())
     assert len(record["rows"]) == 6 and len(record["identity"]) == 3
+    assert "## Aging after identity-preserving optimization (1 steps)" in text
+    assert record["optimized"]["identity_steps"] == 1 and len(record["optimized"]["rows"]) == 6
+    assert (out / "grid_optimized.png").is_file()

@@ -160,7 +160,7 @@ def test_missing_model_folders_raise_clearly(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         AgingPipeline.from_pretrained(tmp_path / "nowhere")
     monkeypatch.setattr(agecgan.pipeline, "DEFAULT_MODEL", tmp_path)
-    with pytest.raises(FileNotFoundError, match="no trained Age-cGAN model ships yet"):
+    with pytest.raises(FileNotFoundError, match="the shipped Age-cGAN model is missing"):
         AgingPipeline.from_pretrained()
 
 

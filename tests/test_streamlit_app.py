@@ -81,7 +81,7 @@ def test_without_a_model_the_page_says_so(tmp_path, monkeypatch, model):
     at = run(AppTest.from_file(str(PAGE), default_timeout=60))
     assert at.title[0].value == "Age-cGAN: one face at every age"
     [message] = [error.value for error in at.error]
-    assert message.startswith("No trained model ships yet; train one with train.py")
+    assert message.startswith("The shipped model is missing from checkpoints/")
     assert "--model DIR" in message and "AGECGAN_MODEL" in message
     assert not at.file_uploader  # nothing to age with: the page stops at the message
     assert "streamlit run app/streamlit_app.py -- --model DIR" in at.caption[0].value
