@@ -281,7 +281,7 @@ def build_demo(pipeline: AgingPipeline | None, message: str | None = None) -> gr
                     label="Age of the person in the photo (years)",
                     info="Sets the age of the reconstruction. 0 or empty: 19-29 is assumed.",
                     precision=0,
-                    minimum=1,
+                    minimum=0,  # 0: not given (the box starts at 0)
                     maximum=120,
                 )
                 identity = gr.Checkbox(

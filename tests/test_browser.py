@@ -1,4 +1,5 @@
-"""A real headless Chromium on the real app: upload a photo, age it, blend ages, bad uploads.
+"""A real headless Chromium on the real app: upload a photo, age it, blend ages, bad uploads;
+and the README's demo (`python app/app.py` on the shipped model) from upload to aged faces.
 
 Needs Debian's `chromium` (CI's .ci/run installs it) and fails without it; set
 AGECGAN_SKIP_BROWSER=1 to skip these tests instead. Playwright drives that Chromium as it is:
@@ -9,6 +10,10 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -264,3 +269,56 @@ def test_age_a_photo_without_touching_the_age_box(page, app_url):
     messages = page.get_by_test_id("toast-body").all_inner_texts()
     assert not messages, messages
     expect(faces).to_have_count(7, timeout=WAIT_MS)
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    """What `make demo` runs: `python app/app.py` as its own process, on the shipped model."""
+    port = free_port()
+    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("AGECGAN_MODEL", None)
+    log = tmp_path_factory.mktemp("demo") / "app.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "app/app.py", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the demo did not start: {log.read_text()}")
+                time.sleep(1.0)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert "Traceback" not in log.read_text()
+
+
+def test_the_demo_ages_a_photo_with_the_shipped_model(page, demo_url):
+    """The README's demo on the trained checkpoint: a photo in, seven faces and the
+    progression out, with the page's defaults (identity optimization on, age not given)."""
+    age = open_app(page, demo_url)
+    expect(page.get_by_text("The shipped model is missing")).to_have_count(0)
+    upload_photo(page, PHOTO)
+    age.click()
+    faces = panel(page, FACES).locator("img")
+    expect(faces).to_have_count(7, timeout=WAIT_MS)
+    captions = ["reconstruction (19-29)", *BUCKET_LABELS]
+    assert loaded(faces) == [(caption, FACE_SIDE, FACE_SIDE) for caption in captions]
+    gif = panel(page, "Progression, youngest to oldest (GIF)").locator("img")
+    expect(gif).to_have_attribute("src", re.compile(r"progression\.gif$"), timeout=WAIT_MS)
+    youngest, oldest = pixels(page, faces.nth(1)), pixels(page, faces.nth(6))
+    assert differ(youngest, oldest)  # the trained G draws the ages differently
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOT.with_name("demo.png"), full_page=True)
+    assert SCREENSHOT.with_name("demo.png").stat().st_size > 50_000
