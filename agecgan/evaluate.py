@@ -646,8 +646,15 @@ def run_aging(args: argparse.Namespace) -> int:
         if args.out:
             Path(args.out).write_text(table + "\n")
         return 0
+    recognizer = FaceRecognizer.from_pretrained()  # one FR for both passes
     evaluation, inputs, faces = evaluate_aging(
-        args.model, reference, estimator, inception, source="test", limit=args.limit
+        args.model,
+        reference,
+        estimator,
+        inception,
+        source="test",
+        limit=args.limit,
+        recognizer=recognizer,
     )
     optimized = None
     if args.aging_steps:
@@ -657,6 +664,7 @@ def run_aging(args: argparse.Namespace) -> int:
             estimator,
             inception,
             limit=args.limit,
+            recognizer=recognizer,
             identity_steps=args.aging_steps,
         )
         optimized = again, optimized_faces

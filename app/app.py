@@ -110,9 +110,7 @@ def age_photo(
             output_size=OUTPUT_SIZE,
         )
     except FaceNotFoundError as error:
-        raise gr.Error(
-            f"{_capitalized(error)}. Try a photo where the face is larger, frontal and well lit."
-        ) from error
+        raise gr.Error(no_face_message(error)) from error
     progress(1, desc="making the progression")
     folder = result_folder()
     gif = save_progression(pipeline.progression(result, frames=GIF_FRAMES), folder)
@@ -134,7 +132,7 @@ def blend(pipeline: AgingPipeline | None, session: Session | None, *weights: flo
     if len(weights) != NUM_BUCKETS or any(w is None or w < 0 for w in weights):
         raise gr.Error(f"Give {NUM_BUCKETS} age weights of 0 or more.")
     if not sum(weights) > 0:
-        raise gr.Error("Set at least one age slider above 0.")
+        raise gr.Error(NO_WEIGHT)
     return _save_render(*pipeline.render(result, weights))
 
 
@@ -182,7 +180,7 @@ def _photo_path(photo) -> tuple[str, str]:
     else:
         path, name = photo, None
     if not path:
-        raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
+        raise gr.Error(NO_PHOTO)
     return str(path), name or Path(path).name
 
 
@@ -207,7 +205,7 @@ def _read_upload(path: str, name: str) -> tuple[Image.Image, list[str]]:
     except Exception as error:  # ImageReadError, or what PIL's decoders raise beyond it
         # (a corrupt TIFF: TypeError): whatever the reason, the user's file is unreadable.
         message = str(error).replace(path, name)  # the server's paths are not the user's
-        raise gr.Error(f"This file could not be read as a photo: {message}") from error
+        raise gr.Error(unreadable_message(message)) from error
     finally:
         _delete_upload(path)
     return shrink_to(image, MAX_PHOTO_SIDE, notes), notes
@@ -238,6 +236,19 @@ def _session_result(pipeline: AgingPipeline | None, session: Session | None) -> 
 def _capitalized(error: Exception) -> str:
     text = str(error)
     return text[:1].upper() + text[1:]
+
+
+# What both apps (this one and app/streamlit_app.py) tell a user.
+NO_PHOTO = "Upload a photo, take one with the webcam, or pick an example first."
+NO_WEIGHT = "Set at least one age slider above 0."
+
+
+def unreadable_message(detail: str) -> str:
+    return f"This file could not be read as a photo: {detail}"
+
+
+def no_face_message(error: Exception) -> str:
+    return f"{_capitalized(error)}. Try a photo where the face is larger, frontal and well lit."
 
 
 DESCRIPTION = f"""
@@ -404,13 +415,18 @@ def main(argv: list[str] | None = None) -> None:
     pipeline, message = load_pipeline(args.model)
     if message:
         print(message, file=sys.stderr)
-    build_demo(pipeline, message).launch(
+    launch(
+        build_demo(pipeline, message),
         server_name=args.host,
         server_port=args.port,
         share=args.share,
-        max_file_size=MAX_UPLOAD,
-        ssr_mode=False,  # server-side rendering needs Node; plain serving works everywhere
     )
+
+
+def launch(demo: gr.Blocks, **options):
+    """Serve the demo with the app's upload limit; the tests serve it through this too."""
+    # Server-side rendering needs Node; plain serving works everywhere.
+    return demo.launch(max_file_size=MAX_UPLOAD, ssr_mode=False, **options)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def read_upload(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
         image, notes = read_photo(_open(data, name))
     except Exception as error:  # ImageReadError, or what PIL's decoders raise beyond it
         # (a corrupt TIFF: TypeError): whatever the reason, the user's file is unreadable.
-        raise PhotoError(f"This file could not be read as a photo: {error}") from error
+        raise PhotoError(gradio_app.unreadable_message(str(error))) from error
     return shrink_to(image, gradio_app.MAX_PHOTO_SIDE, notes), notes
 
 
@@ -243,10 +243,7 @@ def _age(
         bar.progress(1.0, text="making the progression")
         return result, progression_gif(pipeline, result)
     except FaceNotFoundError as error:
-        raise PhotoError(
-            f"{gradio_app._capitalized(error)}. Try a photo where the face is larger, "
-            "frontal and well lit."
-        ) from error
+        raise PhotoError(gradio_app.no_face_message(error)) from error
     finally:
         slots.release()
 
@@ -323,7 +320,7 @@ def show(pipeline: AgingPipeline, aged: Aged) -> None:
             encode(photo, "JPEG"), caption="Blended, in the photo", output_format="JPEG"
         )
     else:
-        blended_face.warning("Set at least one age slider above 0.")
+        blended_face.warning(gradio_app.NO_WEIGHT)
 
     st.subheader("Progression, youngest to oldest")
     st.image(aged.gif, width=256)
@@ -380,7 +377,7 @@ def main() -> None:
             disabled=not identity,
         )
     if photo is None:
-        st.info("Upload a photo, take one with the webcam, or pick an example first.")
+        st.info(gradio_app.NO_PHOTO)
         return
     try:
         aged = age_photo(pipeline, *photo, input_age, identity, steps)

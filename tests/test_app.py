@@ -281,13 +281,8 @@ def test_api_answers_ten_concurrent_users(tmp_path, monkeypatch, uploads, pipeli
     digest = hashlib.sha256(photos[0].read_bytes()).hexdigest()
     demo = webapp.build_demo(pipeline)
     port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        ssr_mode=False,
-        max_file_size=webapp.MAX_UPLOAD,
+    webapp.launch(
+        demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
     )
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -350,7 +345,9 @@ def test_without_a_model_the_app_starts_and_says_so(tmp_path, monkeypatch, uploa
     _, message = webapp.load_pipeline(str(tmp_path / "nowhere"))
     assert "is not a model folder" in message
     port = free_port()  # the server starts, and answers with the message
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    webapp.launch(
+        demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+    )
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         with pytest.raises(Exception, match="The shipped model is missing"):

@@ -57,13 +57,8 @@ def app_url(tmp_path_factory, aligner, uploads):  # aligner: the shared MTCNN, o
     export_model(folder, TINY, encoder=Encoder(TINY), generator=generator)
     demo = webapp.build_demo(AgingPipeline.from_pretrained(folder, device="cpu"))
     port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        ssr_mode=False,
-        max_file_size=webapp.MAX_UPLOAD,
+    webapp.launch(
+        demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
     )
     try:
         yield f"http://127.0.0.1:{port}/"
