@@ -7,7 +7,7 @@ from agecgan.align import (
     FaceNotFoundError,
     ImageReadError,
     align_face,
-    load_image,
+    read_photo,
 )
 from agecgan.face_recognition import FaceRecognizer
 from agecgan.identity import optimize_latent
@@ -30,7 +30,7 @@ __all__ = [
     "ImageReadError",
     "age_to_bucket",
     "align_face",
-    "load_image",
+    "read_photo",
     "one_hot",
     "optimize_latent",
 ]

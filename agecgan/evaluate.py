@@ -40,7 +40,8 @@ from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS, one_hot
 from agecgan.checkpoints import load_network
 from agecgan.face_recognition import SAME_PERSON_THRESHOLD, FaceRecognizer, distance
 from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, optimize_latent
-from agecgan.prepare import FaceDataset, to_model_range, to_uint8
+from agecgan.networks import to_model_range, to_uint8
+from agecgan.prepare import FaceDataset
 
 # The paper's verification rates (OpenFace, on its own test set), for the README's comparison.
 PAPER_RATES = {"z0": 0.532, "pixelwise": 0.598, "identity": 0.829}

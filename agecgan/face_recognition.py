@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agecgan.align import FACE_SIZE, SUPERSAMPLE, TEMPLATE, fit_similarity
+from agecgan.align import FACE_SIZE, fit_similarity, template_pixels
 
 EMBEDDING_SIZE = 128
 SAME_PERSON_THRESHOLD = 0.6  # dlib's threshold on the Euclidean distance of two embeddings
@@ -87,9 +87,7 @@ def chip_matrix(landmarks: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray:
 
 def template_to_chip_theta(face_size: int = FACE_SIZE) -> torch.Tensor:
     """affine_grid's (1, 2, 3) theta sampling the 150 px chip from a face_size template crop."""
-    # warp_face supersamples by SUPERSAMPLE and area-averages, which puts TEMPLATE * size at
-    # (S - 1) / 2S px before the pixel centres; + 0.5 turns centres into the [i, i + 1) system.
-    crop = TEMPLATE * face_size + 0.5 - (SUPERSAMPLE - 1) / (2 * SUPERSAMPLE)
+    crop = template_pixels(face_size) + 0.5  # + 0.5: pixel i spans [i, i + 1) here
     crop_to_chip = np.r_[fit_similarity(crop, chip_points(TEMPLATE_ON_DLIB_FACE)), [[0, 0, 1]]]
 
     def normalize(size: int) -> np.ndarray:  # pixels [0, size) -> [-1, 1] (align_corners=False)

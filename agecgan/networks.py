@@ -215,6 +215,18 @@ class Discriminator(nn.Module):
         return self.classify(self.features(h)).squeeze(1)  # (N,) logits
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the networks' input range."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(faces: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return (
+        faces.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+    )
+
+
 def count_trainable(module: nn.Module) -> int:
     """Trainable parameters; batch-norm running statistics are buffers and do not count."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

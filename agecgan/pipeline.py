@@ -1,6 +1,5 @@
 """The aging pipeline: photo -> aligned face -> z -> six aged faces, pasted back into the photo."""
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,15 @@ from torch import nn
 from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS, age_to_bucket, one_hot
 from agecgan.align import (
     FACE_SIZE,
-    SUPERSAMPLE,
-    AlignedFace,
     FaceAligner,
-    ImageReadError,
+    Photo,
     default_aligner,
-    load_image,
-    warp_face,
+    face_to_photo,
+    read_photo,
 )
 from agecgan.checkpoints import load_network
 from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, optimize_latent
-from agecgan.prepare import to_model_range, to_uint8
+from agecgan.networks import to_model_range, to_uint8
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
 # No age estimator ships, and D is no age classifier (it scores "a real face of age y" and was
@@ -32,10 +29,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
 # 19-29 holds 7,419 of UTKFace's 23,624 faces.
 DEFAULT_INPUT_BUCKET = 1
 IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
-MAX_DETECT_SIDE = 1280  # larger photos are shrunk for MTCNN only (speed); pasting is full size
-# warp_face samples the crop at SUPERSAMPLE x and area-averages, so pixel j of the 64 px face
-# sits at crop coordinate j + 0.375: paste-back must undo that shift too.
-CROP_SHIFT = (SUPERSAMPLE - 1) / (2 * SUPERSAMPLE)
 # Paste-back mask: an ellipse over the face in crop fractions (eyes at 0.38, mouth at 0.71),
 # opaque inside FEATHER of its radius, fading smoothly to 0 at its rim, well inside the crop.
 ELLIPSE_CENTER, ELLIPSE_AXES, FEATHER = (0.5, 0.53), (0.38, 0.45), 0.35
@@ -58,35 +51,6 @@ class AgingResult:
     aged: list[Image.Image]  # six faces, youngest bucket first
     pasted: list[Image.Image]  # the same six faces in the photo
     notes: list[str]  # what the pipeline assumed or changed, for the user
-
-
-def read_photo(photo: str | Path | Image.Image | np.ndarray) -> tuple[Image.Image, list[str]]:
-    """align.load_image, plus a strict pixel cap on files and notes on what was changed."""
-    notes = []
-    header = photo if isinstance(photo, Image.Image) else None
-    try:
-        if isinstance(photo, (str, Path)):
-            with warnings.catch_warnings():  # PIL warns up to 2x its limit; we refuse below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                header = Image.open(photo)  # reads the header only; refuses > 2x the cap itself
-        if header is not None:
-            width, height = header.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if header is not photo and limit and width * height > limit:
-                raise ImageReadError(
-                    f"cannot read {photo}: {width}x{height} is more than the {limit:,} "
-                    "pixels allowed (PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?"
-                )
-            if getattr(header, "n_frames", 1) > 1:
-                notes.append(f"animated image: the first of {header.n_frames} frames was used")
-            if header.getexif().get(0x0112, 1) != 1:
-                notes.append("turned upright by its EXIF orientation")
-    except (OSError, EOFError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read {photo}: {error}") from error
-    finally:
-        if header is not None and header is not photo:
-            header.close()
-    return load_image(photo), notes
 
 
 def shrink_to(image: Image.Image, side: int, notes: list[str]) -> Image.Image:
@@ -132,11 +96,7 @@ def paste_face(photo: np.ndarray, face: np.ndarray, matrix: np.ndarray) -> np.nd
     side = int(np.clip(round(FACE_SIZE / scale), FACE_SIZE, 2048))  # about the face's size
     # Lanczos up to the face's size in the photo, so the warp itself hardly resamples.
     big = np.asarray(Image.fromarray(face).resize((side, side), Image.Resampling.LANCZOS))
-    ratio = FACE_SIZE / side  # big pixel i (PIL centres) sits at crop coordinate i*ratio+offset
-    offset = ratio / 2 - 0.5 + CROP_SHIFT
-    to_crop = np.vstack([matrix, [0, 0, 1]])
-    to_big = np.array([[1 / ratio, 0, -offset / ratio], [0, 1 / ratio, -offset / ratio]])
-    to_photo = cv2.invertAffineTransform((to_big @ to_crop).astype(np.float64))
+    to_photo = face_to_photo(matrix, side)
     corners = np.array([[0, 0, 1], [side, 0, 1], [0, side, 1], [side, side, 1]]) @ to_photo.T
     height, width = photo.shape[:2]
     x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
@@ -183,7 +143,6 @@ class AgingPipeline:
             cpu = self.device.type == "cpu"
             aligner = default_aligner() if cpu else FaceAligner(device=self.device)
         self.aligner = aligner
-        self.max_detect_side = MAX_DETECT_SIDE
         self._recognizer = None
 
     @classmethod
@@ -218,23 +177,9 @@ class AgingPipeline:
             self._recognizer = FaceRecognizer.from_pretrained().to(self.device)
         return self._recognizer
 
-    def detect(self, image: Image.Image) -> AlignedFace:
-        """The aligner on a copy shrunk to max_detect_side; box and matrix in full-size pixels."""
-        shrink = min(1.0, self.max_detect_side / max(image.size))
-        if shrink == 1.0:
-            return self.aligner(np.asarray(image))
-        size = (round(image.width * shrink), round(image.height * shrink))
-        face = self.aligner(np.asarray(image.resize(size, Image.Resampling.BOX)))
-        face.matrix = np.c_[face.matrix[:, :2] * shrink, face.matrix[:, 2]].astype(np.float32)
-        # Cut the face from the full-size photo: its detail, and exactly the crop of `matrix`.
-        face.image = Image.fromarray(warp_face(np.asarray(image), face.matrix, FACE_SIZE))
-        face.box = tuple(v / shrink for v in face.box)
-        face.landmarks = face.landmarks / shrink
-        return face
-
     def __call__(
         self,
-        photo: str | Path | Image.Image | np.ndarray,
+        photo: Photo,
         *,
         input_age: int | None = None,
         optimize_identity: bool = True,
@@ -250,7 +195,7 @@ class AgingPipeline:
         or FaceNotFoundError (both ValueErrors) with a message for the user.
         """
         image, notes = read_photo(photo)
-        face = self.detect(image)
+        face = self.aligner(image)
         if face.num_faces > 1:
             box = ", ".join(f"{v:.0f}" for v in face.box)
             notes.append(f"{face.num_faces} faces found; the largest (box {box}) was used")

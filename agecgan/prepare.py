@@ -20,7 +20,14 @@ import torch
 from tqdm import tqdm
 
 from agecgan.ages import BUCKET_LABELS, age_to_bucket
-from agecgan.align import FACE_SIZE, FaceAligner, FaceNotFoundError, ImageReadError
+from agecgan.align import (
+    FACE_SIZE,
+    FaceAligner,
+    FaceNotFoundError,
+    ImageReadError,
+    outside_share,
+    read_photo,
+)
 from agecgan.sources import SourceScan
 
 CACHE_NAME = "faces.npz"
@@ -47,13 +54,16 @@ def _init_worker() -> None:
     _worker_aligner = FaceAligner(size=FACE_SIZE)
 
 
-def _align_one(path: str) -> tuple[np.ndarray | None, str | None]:
+def _align_one(path: str) -> tuple[np.ndarray | None, np.ndarray | None, float, str | None]:
+    """One image -> (face, landmarks, share of the face outside the image, reason dropped)."""
     try:
-        return np.asarray(_worker_aligner(path).image), None
+        image, _ = read_photo(path)
+        face = _worker_aligner(image)
     except ImageReadError:
-        return None, UNREADABLE
+        return None, None, 0.0, UNREADABLE
     except FaceNotFoundError:
-        return None, NO_FACE
+        return None, None, 0.0, NO_FACE
+    return np.asarray(face.image), face.landmarks, outside_share(face.matrix, image.size), None
 
 
 @dataclass
@@ -66,6 +76,8 @@ class PrepareReport:
     rejected: dict[str, int]  # reason -> count: the source's label rules, then ours
     per_split: dict[str, int]
     per_bucket: dict[str, int]
+    outside_mean: float  # mean share of a kept face's pixels that lie outside its image
+    outside_over_1pct: int  # kept faces with more than 1% of their pixels outside the image
     seconds: float
     workers: int
 
@@ -75,8 +87,13 @@ class PrepareReport:
         rows += [("kept", self.kept)]
         rows += [(f"  {split}", count) for split, count in self.per_split.items()]
         rows += [(f"  ages {label}", count) for label, count in self.per_bucket.items()]
+        rows += [("faces >1% outside the image", self.outside_over_1pct)]
         width = max(len(label) for label, _ in rows)
         lines = [f"{label:<{width}}  {count:>7,}" for label, count in rows]
+        lines.append(
+            f"{'pixels outside the image':<{width}}  {self.outside_mean:>7.2%} of a face, mean "
+            "(filled by border replication)"
+        )
         lines.append(
             f"{self.seconds:.1f} s with {self.workers} workers "
             f"({self.total / max(self.seconds, 1e-9):.1f} images/s)"
@@ -98,6 +115,8 @@ def prepare(
     workers = workers or os.cpu_count() or 1
     paths = [str(record.path) for record in scan.records]
     faces = np.empty((len(paths), FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
+    landmarks = np.zeros((len(paths), 5, 2), dtype=np.float32)
+    outside = np.zeros(len(paths), dtype=np.float32)
     keep = np.zeros(len(paths), dtype=bool)
     rejected = dict(scan.rejected)
     start = time.perf_counter()
@@ -113,11 +132,12 @@ def prepare(
             disable=not progress,
             mininterval=1.0,
         )
-        for index, (face, reason) in enumerate(bar):
+        for index, (face, points, share, reason) in enumerate(bar):
             if face is None:
                 rejected[reason] = rejected.get(reason, 0) + 1
             else:
-                faces[index], keep[index] = face, True
+                faces[index], landmarks[index], outside[index] = face, points, share
+                keep[index] = True
     seconds = time.perf_counter() - start
 
     kept_records = [record for record, ok in zip(scan.records, keep, strict=True) if ok]
@@ -132,6 +152,8 @@ def prepare(
         buckets=buckets,
         split=split,
         names=names,
+        landmarks=landmarks[keep],  # in the source image's pixels: the framing can be re-measured
+        outside=outside[keep],
     )
 
     report = PrepareReport(
@@ -141,6 +163,8 @@ def prepare(
         rejected=rejected,
         per_split={name: int((split == i).sum()) for i, name in enumerate(SPLITS)},
         per_bucket={label: int((buckets == i).sum()) for i, label in enumerate(BUCKET_LABELS)},
+        outside_mean=float(outside[keep].mean()) if keep.any() else 0.0,
+        outside_over_1pct=int((outside[keep] > 0.01).sum()),
         seconds=seconds,
         workers=workers,
     )
@@ -205,15 +229,3 @@ class FaceDataset:
             ages=torch.from_numpy(arrays["ages"][chosen].astype(np.int64)),
             names=arrays["names"][chosen].tolist(),
         )
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the networks' input range."""
-    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(faces: torch.Tensor) -> torch.Tensor:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    return (
-        faces.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
-    )

@@ -21,13 +21,12 @@ if str(ROOT) not in sys.path:  # `python app/app.py` where agecgan is not instal
     sys.path.insert(0, str(ROOT))
 
 from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS  # noqa: E402
-from agecgan.align import FaceNotFoundError  # noqa: E402
+from agecgan.align import FaceNotFoundError, read_photo  # noqa: E402
 from agecgan.pipeline import (  # noqa: E402
     IDENTITY_STEPS,
     AgingPipeline,
     AgingResult,
     age_weights,
-    read_photo,
     save_gif,
     shrink_to,
 )

@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,14 +30,13 @@ if str(ROOT) not in sys.path:  # `streamlit run app/streamlit_app.py` where agec
 # Streamlit puts the script's folder first on sys.path while the page runs: `app` is app/app.py.
 import app as gradio_app  # noqa: E402
 from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS  # noqa: E402
-from agecgan.align import FaceNotFoundError, ImageReadError  # noqa: E402
+from agecgan.align import FaceNotFoundError, read_photo  # noqa: E402
 from agecgan.pipeline import (  # noqa: E402
     DEFAULT_MODEL,
     IDENTITY_STEPS,
     AgingPipeline,
     AgingResult,
     age_weights,
-    read_photo,
     shrink_to,
 )
 
@@ -109,33 +107,11 @@ def read_upload(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
     if len(data) > MAX_UPLOAD_MB * 2**20:  # the browser refuses these; a script may not
         raise PhotoError(f"{name} is larger than the {MAX_UPLOAD_MB} MB allowed for a photo.")
     try:
-        image, notes = read_photo(_open(data, name))
+        image, notes = read_photo(data, name)
     except Exception as error:  # ImageReadError, or what PIL's decoders raise beyond it
         # (a corrupt TIFF: TypeError): whatever the reason, the user's file is unreadable.
         raise PhotoError(gradio_app.unreadable_message(str(error))) from error
     return shrink_to(image, gradio_app.MAX_PHOTO_SIDE, notes), notes
-
-
-def _open(data: bytes, name: str) -> Image.Image:
-    """Decode bytes fully, refusing what read_photo refuses in a file: more pixels than
-    PIL.Image.MAX_IMAGE_PIXELS (PIL itself refuses only twice that), truncated files."""
-    buffer = io.BytesIO(data)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(buffer)  # reads the header only
-        width, height = image.size
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and width * height > limit:
-            raise ImageReadError(
-                f"cannot read {name}: {width}x{height} is more than the {limit:,} "
-                "pixels allowed (PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?"
-            )
-        image.load()
-    except (OSError, EOFError, Image.DecompressionBombError) as error:
-        message = str(error).replace(repr(buffer), repr(name))  # PIL names the buffer
-        raise ImageReadError(f"cannot read {name}: {message}") from error
-    return image
 
 
 def encode(image: Image.Image, image_format: str) -> bytes:

@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 
 from agecgan.ages import NUM_BUCKETS, one_hot
-from agecgan.pipeline import IDENTITY_STEPS, AgingPipeline, age_weights, read_photo
-from agecgan.prepare import to_model_range
+from agecgan.align import read_photo
+from agecgan.networks import to_model_range
+from agecgan.pipeline import IDENTITY_STEPS, AgingPipeline, age_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTO = ROOT / "app" / "examples" / "eileen_collins.jpg"

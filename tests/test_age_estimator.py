@@ -22,7 +22,7 @@ from agecgan.age_estimator import (
 from agecgan.ages import NUM_BUCKETS, age_to_bucket
 from agecgan.align import TEMPLATE, fit_similarity, similarity_matrix, warp_face
 from agecgan.face_recognition import DLIB_TEMPLATE, chip_points
-from agecgan.prepare import to_model_range
+from agecgan.networks import to_model_range
 
 # dlib's 5-point landmarks on the astronaut (Eileen Collins), measured with dlib itself: the
 # same values as ASTRONAUT_DLIB_LANDMARKS in test_face_recognition.py.

@@ -72,11 +72,11 @@ def mildly_changed(photo: Image.Image) -> Image.Image:
 @pytest.fixture(scope="module")
 def embeddings(request, aligner, fr) -> dict[str, torch.Tensor]:
     """Each photo, its mirror image and a mildly changed copy, aligned and embedded by FR."""
-    from agecgan.align import load_image
+    from agecgan.align import read_photo
 
     faces = {}
     for name in PHOTOS:
-        photo = load_image(request.getfixturevalue(name))
+        photo = read_photo(request.getfixturevalue(name))[0]
         faces[name] = aligner(photo).image
         faces[f"{name} mirrored"] = aligner(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).image
         faces[f"{name} changed"] = aligner(mildly_changed(photo)).image

@@ -7,7 +7,7 @@ import torch
 from agecgan import Encoder, FaceRecognizer, Generator, one_hot
 from agecgan.face_recognition import distance
 from agecgan.identity import optimize_latent
-from agecgan.prepare import to_model_range
+from agecgan.networks import to_model_range
 
 
 @pytest.fixture(scope="module")

@@ -272,7 +272,7 @@ def test_two_faces_use_the_largest_and_say_so(pipeline, astronaut, grace_hopper)
 def test_large_photos_are_detected_small_and_pasted_full_size(
     monkeypatch, pipeline, results, astronaut
 ):
-    monkeypatch.setattr(pipeline, "max_detect_side", 256)  # the astronaut is 512 px
+    monkeypatch.setattr(pipeline.aligner, "detect_side", 256)  # the astronaut is 512 px
     result = pipeline(astronaut, optimize_identity=False, output_size=SIZE)
     np.testing.assert_allclose(result.box, results["astronaut"].box, atol=6)
     aligned = np.asarray(result.aligned, dtype=int)

@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 
 import agecgan.prepare as prepare_module
+from agecgan.networks import to_model_range, to_uint8
 from agecgan.prepare import (
     FaceDataset,
     prepare,
     save_cache,
     split_of,
-    to_model_range,
-    to_uint8,
 )
 from agecgan.sources import scan_utkface
 
@@ -151,7 +150,7 @@ def test_tiny_image_is_counted_not_fatal(tmp_path, aligner, monkeypatch):
     path = tmp_path / "30_0_0_tiny.jpg"
     Image.new("RGB", (16, 16), (90, 60, 40)).save(path)
     monkeypatch.setattr(prepare_module, "_worker_aligner", aligner)  # what a worker holds
-    assert prepare_module._align_one(str(path)) == (None, "no face detected")
+    assert prepare_module._align_one(str(path)) == (None, None, 0.0, "no face detected")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,10 @@ from safetensors.torch import load_file
 
 from agecgan.ages import one_hot
 from agecgan.checkpoints import load_network, load_training_state
-from agecgan.prepare import FaceDataset, save_cache, to_model_range
+from agecgan.networks import to_model_range
+from agecgan.prepare import FaceDataset, save_cache
+from agecgan.runs import RunFolderError
+from agecgan.runtime import native_bf16
 from agecgan.training import (
     EncoderOptions,
     GanOptions,
@@ -285,3 +288,77 @@ def test_identity_stage_tunes_the_encoder_and_leaves_the_input_model_alone(tiny_
     )
     assert load_training_state(tmp_path / "id" / "state.pt")["step"] == 4
     assert resumed.model_dir == result.model_dir
+
+
+def test_a_folder_that_holds_a_run_is_never_trained_over_unasked(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train_gan(gan_options(tiny_data, run, max_steps=2))
+    before = {p.name: p.read_bytes() for p in (run / "model").iterdir()}
+    with pytest.raises(RunFolderError, match="--resume.*--overwrite"):
+        train_gan(gan_options(tiny_data, run, max_steps=2, seed=1))
+    assert {p.name: p.read_bytes() for p in (run / "model").iterdir()} == before
+    assert load_training_state(run / "state.pt")["step"] == 2
+    # --overwrite starts over: step 0, and nothing of the old run is left to mix in.
+    train_gan(gan_options(tiny_data, run, max_steps=1, overwrite=True, snapshot_every=0))
+    assert load_training_state(run / "state.pt")["step"] == 1
+    assert not (run / "state.prev.pt").exists()
+    # The CLI says the same and exits 2, as argparse does for a bad argument.
+    cli = [sys.executable, "train.py", "encoder", "--generator", str(run / "model")]
+    cli += ["--run-dir", str(run), "--pairs", "64", "--batch-size", "32", "--no-progress"]
+    done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "already holds a run" in done.stderr, done.stderr
+
+
+def test_resume_refuses_options_that_would_misplace_the_epoch(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train_gan(gan_options(tiny_data, run, max_steps=2))
+    options_before = (run / "options.json").read_text()
+    with pytest.raises(RunFolderError, match="--batch-size 8"):
+        train_gan(gan_options(tiny_data, run, max_steps=4, batch_size=4, resume=True))
+    assert (run / "options.json").read_text() == options_before
+    # Options that do not place steps may change on resume: a longer run, more snapshots.
+    train_gan(gan_options(tiny_data, run, max_steps=3, snapshot_every=3, resume=True))
+    assert load_training_state(run / "state.pt")["step"] == 3
+
+
+def test_a_damaged_state_is_named_with_the_intact_previous_one(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train_gan(gan_options(tiny_data, run, max_steps=4))  # saves at 2 and 4
+    assert load_training_state(run / "state.prev.pt")["step"] == 2
+    (run / "state.pt").write_bytes(b"not a state")
+    (run / "state.pt.tmp").write_bytes(b"half a save")
+    listing = sorted(p.name for p in run.iterdir())
+    options_before = (run / "options.json").read_text()
+    with pytest.raises(RunFolderError, match=r"state\.pt is damaged.*state\.prev\.pt \(step 2\)"):
+        train_gan(gan_options(tiny_data, run, max_steps=6, resume=True))
+    assert sorted(p.name for p in run.iterdir()) == listing  # nothing changed
+    assert (run / "options.json").read_text() == options_before
+    os.replace(run / "state.prev.pt", run / "state.pt")  # what the message says to do
+    train_gan(gan_options(tiny_data, run, max_steps=6, resume=True))
+    assert load_training_state(run / "state.pt")["step"] == 6
+    assert not (run / "state.pt.tmp").exists()  # the killed save's leftover is gone
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tiny_data, tmp_path):
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as lock:
+        lock.write("pid 12345\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(RunFolderError, match="in use by another training process"):
+            train_gan(gan_options(tiny_data, run, max_steps=1))
+    assert not (run / "options.json").exists()
+
+
+def test_precision_is_checked_and_auto_says_what_it_chose(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        GanOptions(precision="fp16")
+    train_gan(gan_options(tiny_data, tmp_path / "run", max_steps=1))
+    options = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert options["precision"] == "auto"
+    native, why = native_bf16(torch.device("cpu"))
+    assert options["resolved_precision"] == ("bf16" if native else "fp32")
+    assert options["precision_reason"] == f"auto: {why}"
