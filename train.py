@@ -1,4 +1,5 @@
-"""Train Age-cGAN: `python train.py gan|encoder|identity ...` (stages 1, 2 and 3).
+"""Train Age-cGAN: `python train.py gan|encoder|identity ...` (stages 1, 2 and 3), or
+`python train.py all ...` (stages 1 and 2, the fp16 export and the evaluation, end to end).
 
 Every option of a stage is a field of its options dataclass in agecgan/training.py, with its
 help text. Run under torchrun for several processes, e.g.
@@ -13,15 +14,18 @@ import typing
 
 from agecgan.runs import RunFolderError
 from agecgan.training import (
+    AllOptions,
     EncoderOptions,
     GanOptions,
     IdentityOptions,
+    train_all,
     train_encoder,
     train_gan,
     train_identity,
 )
 
 STAGES = {
+    "all": (AllOptions, train_all),
     "gan": (GanOptions, train_gan),
     "encoder": (EncoderOptions, train_encoder),
     "identity": (IdentityOptions, train_identity),
@@ -32,9 +36,12 @@ def add_options(parser: argparse.ArgumentParser, options_class: type) -> None:
     """One flag per field of the options dataclass, its help text from the field's metadata."""
     for option in dataclasses.fields(options_class):
         default = getattr(options_class(), option.name)
-        if isinstance(default, dict):
-            continue  # the architecture config: fixed to the recipe's from the command line
         flag = "--" + option.name.replace("_", "-")
+        if isinstance(default, dict):  # the architecture: JSON keys that replace the recipe's
+            parser.add_argument(
+                flag, type=json.loads, default={}, help=f"{option.metadata['help']}, as JSON"
+            )
+            continue
         help_text = f"{option.metadata.get('help', '')} (default: {default})"
         choices = typing.get_args(typing.get_type_hints(options_class)[option.name]) or None
         if isinstance(default, bool):
@@ -62,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     stage = args.pop("stage")
     options_class, train = STAGES[stage]
     dry_run = args.pop("dry_run")
+    defaults = options_class()
+    for name, value in args.items():  # a partial architecture adds to the recipe's
+        if isinstance(getattr(defaults, name), dict):
+            args[name] = getattr(defaults, name) | value
     options = options_class(**args)
     if dry_run:
         print(json.dumps(dataclasses.asdict(options), indent=2))

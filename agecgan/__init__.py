@@ -5,14 +5,16 @@ from agecgan.align import (
     AlignedFace,
     FaceAligner,
     FaceNotFoundError,
+    Framing,
     ImageReadError,
     align_face,
     read_photo,
 )
+from agecgan.checkpoints import load_network
 from agecgan.face_recognition import FaceRecognizer
-from agecgan.identity import optimize_latent
+from agecgan.identity import LatentResult, optimize_latent
 from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator
-from agecgan.pipeline import AgingPipeline
+from agecgan.pipeline import AgingPipeline, AgingResult
 
 __all__ = [
     "AGE_BUCKETS",
@@ -20,17 +22,21 @@ __all__ = [
     "NUM_BUCKETS",
     "AgeCGANConfig",
     "AgingPipeline",
+    "AgingResult",
     "AlignedFace",
     "Discriminator",
     "Encoder",
     "FaceAligner",
     "FaceNotFoundError",
     "FaceRecognizer",
+    "Framing",
     "Generator",
     "ImageReadError",
+    "LatentResult",
     "age_to_bucket",
     "align_face",
-    "read_photo",
+    "load_network",
     "one_hot",
     "optimize_latent",
+    "read_photo",
 ]

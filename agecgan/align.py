@@ -31,23 +31,39 @@ _RECOGNITION_TEMPLATE_112 = np.array(
     ],
     dtype=np.float32,
 )
-# The framing: that template scaled by TEMPLATE_SCALE about the eyes, with the eyes at
-# TEMPLATE_EYE_HEIGHT of the crop (28 px apart in 64 px). It is the largest framing that stays
-# inside UTKFace's own 200 px crops (which end just above the eyebrows and at the chin): of
-# 599 UTKFace faces, 0.10% of the crop's pixels lie outside the source on average and 1.2% of
-# faces have more than 1% outside, where the earlier, looser framing (0.9 at 0.38) had 44%
-# outside, filled by streaks (README, "Framing").
-TEMPLATE_SCALE = 1.4
-TEMPLATE_EYE_HEIGHT = 0.29
 
 
-def _template() -> np.ndarray:
-    points = _RECOGNITION_TEMPLATE_112 / 112.0
-    eyes = points[:2].mean(axis=0)
-    return (points - eyes) * TEMPLATE_SCALE + np.array([0.5, TEMPLATE_EYE_HEIGHT], np.float32)
+@dataclass(frozen=True)
+class Framing:
+    """How a face sits in its crop: the template above scaled by `scale` about the eyes, with
+    the eyes at `eye_height` of the crop. A model is trained on one framing and records it in
+    its config.json: the aligner, the paste-back and the FR and age chips follow it."""
+
+    scale: float
+    eye_height: float
+
+    def template(self) -> np.ndarray:
+        """(5, 2) landmark positions in fractions of the crop side."""
+        points = _RECOGNITION_TEMPLATE_112 / 112.0
+        eyes = points[:2].mean(axis=0)
+        return (points - eyes) * self.scale + np.array([0.5, self.eye_height], np.float32)
+
+    @property
+    def eye_distance(self) -> float:
+        """Distance between the eye centres, as a fraction of the crop side."""
+        template = self.template()
+        return float(np.linalg.norm(template[1] - template[0]))
 
 
-TEMPLATE = _template()  # (5, 2), fractions of the crop side
+# The default: 28 px between the eyes in 64 px, the eyes at 29%. It is the largest framing that
+# stays inside UTKFace's own 200 px crops (which end just above the eyebrows and at the chin):
+# of 599 UTKFace faces, 0.10% of the crop's pixels lie outside the source on average and 1.2%
+# of faces have more than 1% outside (README, "Framing").
+DEFAULT_FRAMING = Framing(scale=1.4, eye_height=0.29)
+# The framing of models trained before framings were recorded: 18 px between the eyes, with the
+# forehead, the chin and the background around the face, 44% of it outside UTKFace's crops.
+LEGACY_FRAMING = Framing(scale=0.9, eye_height=0.38)
+TEMPLATE = DEFAULT_FRAMING.template()  # (5, 2), fractions of the crop side
 # Warp at this multiple of the output size, then shrink with area averaging: a direct warp of
 # a large face down to 64 px would alias. It puts pixel j of the face at crop coordinate
 # j + CROP_SHIFT; face_pixels_to_crop is the one place that accounts for it.
@@ -131,7 +147,9 @@ def read_photo(photo: Photo, name: str | None = None) -> tuple[Image.Image, list
                     "pixels allowed (PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?"
                 )
             if getattr(opened, "n_frames", 1) > 1:
-                notes.append(Note(f"animated image: the first of {opened.n_frames} frames was used"))
+                notes.append(
+                    Note(f"animated image: the first of {opened.n_frames} frames was used")
+                )
             if opened.getexif().get(0x0112, 1) != 1:
                 notes.append(Note("turned upright by its EXIF orientation"))
             opened.load()
@@ -171,10 +189,13 @@ def fit_similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.c_[linear, target.mean(0) - linear @ source.mean(0)]
 
 
-def similarity_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
-    """Photo -> crop matrix taking the 5 landmarks onto TEMPLATE * size by least squares. All
-    five points count: a robust fit such as LMEDS keeps three of five and lets the mouth drift."""
-    return fit_similarity(landmarks, TEMPLATE * size).astype(np.float32)
+def similarity_matrix(
+    landmarks: np.ndarray, size: int, framing: Framing = DEFAULT_FRAMING
+) -> np.ndarray:
+    """Photo -> crop matrix taking the 5 landmarks onto the framing's template * size by least
+    squares. All five points count: a robust fit such as LMEDS keeps three of five and lets
+    the mouth drift."""
+    return fit_similarity(landmarks, framing.template() * size).astype(np.float32)
 
 
 def warp_face(rgb: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
@@ -201,10 +222,10 @@ def face_pixels_to_crop(side: int, size: int = FACE_SIZE) -> np.ndarray:
     return np.array([[ratio, 0, offset], [0, ratio, offset], [0, 0, 1]])
 
 
-def template_pixels(size: int = FACE_SIZE) -> np.ndarray:
-    """Where TEMPLATE's five points fall in a size px face cut by warp_face, in pixel indices
-    (pixel i at i, as cv2 counts)."""
-    return TEMPLATE * size - CROP_SHIFT
+def template_pixels(size: int = FACE_SIZE, framing: Framing = DEFAULT_FRAMING) -> np.ndarray:
+    """Where the template's five points fall in a size px face cut by warp_face, in pixel
+    indices (pixel i at i, as cv2 counts)."""
+    return framing.template() * size - CROP_SHIFT
 
 
 def face_to_photo(matrix: np.ndarray, side: int) -> np.ndarray:
@@ -229,10 +250,15 @@ def outside_share(matrix: np.ndarray, photo_size: tuple[int, int], size: int = F
 class FaceAligner:
     """MTCNN (weights ship in the facenet-pytorch wheel) plus the template alignment."""
 
-    def __init__(self, size: int = FACE_SIZE, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        size: int = FACE_SIZE,
+        device: str | torch.device = "cpu",
+        framing: Framing = DEFAULT_FRAMING,
+    ):
         from facenet_pytorch import MTCNN  # imported here: it is slow to import
 
-        self.size = size
+        self.size, self.framing = size, framing
         self.detect_side = DETECT_SIDE
         self.mtcnn = MTCNN(keep_all=True, device=torch.device(device))
 
@@ -258,7 +284,7 @@ class FaceAligner:
             )
         box, probability, points, num_faces = self._detect(np.asarray(small))
         landmarks = points / shrink
-        matrix = similarity_matrix(landmarks, self.size)
+        matrix = similarity_matrix(landmarks, self.size, self.framing)
         face = warp_face(np.asarray(image), matrix, self.size)
         return AlignedFace(
             image=Image.fromarray(face),
@@ -287,7 +313,10 @@ class FaceAligner:
         if overshoot > 0.1 * side + 1:
             pad = int(np.ceil(overshoot))
             padded = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-            boxes, probs, points = self._run(padded)
+            try:
+                boxes, probs, points = self._run(padded)
+            except FaceNotFoundError:  # the black border can hide a face MTCNN saw without it
+                return boxes[best], float(probs[best]), points[best], len(boxes)
             boxes, points = boxes - [pad, pad, pad, pad], points - pad
             best = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
         return boxes[best], float(probs[best]), points[best], len(boxes)
@@ -302,10 +331,10 @@ class FaceAligner:
         return as_float[0][:, :4], as_float[1], as_float[2]
 
 
-@lru_cache(maxsize=1)
-def default_aligner() -> FaceAligner:
-    """One CPU aligner per process, built on first use."""
-    return FaceAligner()
+@lru_cache(maxsize=2)
+def default_aligner(framing: Framing = DEFAULT_FRAMING) -> FaceAligner:
+    """One CPU aligner per process and framing, built on first use."""
+    return FaceAligner(framing=framing)
 
 
 def align_face(photo: Photo) -> Image.Image:

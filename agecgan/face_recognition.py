@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agecgan.align import FACE_SIZE, fit_similarity, template_pixels
+from agecgan.align import DEFAULT_FRAMING, FACE_SIZE, Framing, fit_similarity, template_pixels
 
 EMBEDDING_SIZE = 128
 SAME_PERSON_THRESHOLD = 0.6  # dlib's threshold on the Euclidean distance of two embeddings
@@ -85,9 +85,11 @@ def chip_matrix(landmarks: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray:
     return np.linalg.inv(np.r_[chip_to_photo, [[0, 0, 1]]])[:2]
 
 
-def template_to_chip_theta(face_size: int = FACE_SIZE) -> torch.Tensor:
+def template_to_chip_theta(
+    face_size: int = FACE_SIZE, framing: Framing = DEFAULT_FRAMING
+) -> torch.Tensor:
     """affine_grid's (1, 2, 3) theta sampling the 150 px chip from a face_size template crop."""
-    crop = template_pixels(face_size) + 0.5  # + 0.5: pixel i spans [i, i + 1) here
+    crop = template_pixels(face_size, framing) + 0.5  # + 0.5: pixel i spans [i, i + 1) here
     crop_to_chip = np.r_[fit_similarity(crop, chip_points(TEMPLATE_ON_DLIB_FACE)), [[0, 0, 1]]]
 
     def normalize(size: int) -> np.ndarray:  # pixels [0, size) -> [-1, 1] (align_corners=False)
@@ -217,13 +219,15 @@ class FaceRecognizer(FrozenModule):
     >>> same = distance(embeddings[0], embeddings[1]) < SAME_PERSON_THRESHOLD
     """
 
-    def __init__(self, face_size: int = FACE_SIZE):
+    def __init__(self, face_size: int = FACE_SIZE, framing: Framing = DEFAULT_FRAMING):
         super().__init__()
-        self.face_size = face_size
+        self.face_size, self.framing = face_size, framing
         self.network = DlibResNet()
         # Computed once: the sampling grid of the chip in the template crop.
         grid = F.affine_grid(
-            template_to_chip_theta(face_size), [1, 3, CHIP_SIZE, CHIP_SIZE], align_corners=False
+            template_to_chip_theta(face_size, framing),
+            [1, 3, CHIP_SIZE, CHIP_SIZE],
+            align_corners=False,
         )
         self.register_buffer("grid", grid, persistent=False)  # (1, 150, 150, 2)
         mean = torch.tensor(DLIB_MEAN_RGB).view(1, 3, 1, 1)
@@ -231,11 +235,14 @@ class FaceRecognizer(FrozenModule):
         self.freeze()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None) -> "FaceRecognizer":
-        """Load converted weights (default: the shipped checkpoint), strictly, and freeze."""
+    def from_pretrained(
+        cls, path: str | Path | None = None, framing: Framing = DEFAULT_FRAMING
+    ) -> "FaceRecognizer":
+        """Load converted weights (default: the shipped checkpoint), strictly, and freeze; it
+        takes faces cut with `framing`."""
         from safetensors.torch import load_file
 
-        model = cls()
+        model = cls(framing=framing)
         state = load_file(str(WEIGHTS if path is None else path))
         model.network.load_state_dict(state, strict=True)  # float16 files are upcast here
         model.freeze()
@@ -245,7 +252,7 @@ class FaceRecognizer(FrozenModule):
         """(N, 3, 64, 64) template faces in [-1, 1] -> (N, 3, 150, 150) dlib chips in [0, 255]."""
         self.check_faces(faces)
         grid = self.grid.expand(len(faces), -1, -1, -1)
-        # The chip lies inside the crop; border replication only guards rounding at its edge.
+        # The chip reaches a little past a tight crop: replicate its border, as warp_face does.
         chips = F.grid_sample(faces, grid, "bilinear", "border", align_corners=False)
         return (chips + 1) * 127.5
 

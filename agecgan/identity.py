@@ -58,6 +58,8 @@ def optimize_latent(
     if objective == "identity" and FR is None:
         raise ValueError("the identity objective needs FR, a face-recognition network")
     modes = {module: module.training for module in (G, E, FR) if module is not None}
+    # Restored in `finally`, even when progress() raises (a stopped app run): never a frozen G.
+    needs_grad = {p: p.requires_grad for module in modes for p in module.parameters()}
     try:
         for module in modes:
             module.eval()
@@ -80,7 +82,6 @@ def optimize_latent(
             return (produced.float() - target).pow(2).flatten(1).sum(1).mean()
 
         # Only z is a leaf that requires grad; G's, E's and FR's weights are untouched.
-        parameters_before = [p.requires_grad for m in modes for p in m.parameters()]
         for module in modes:
             module.requires_grad_(False)
         losses: list[float] = []
@@ -109,11 +110,9 @@ def optimize_latent(
                     progress(step + 1, steps, losses[-1])
         with torch.no_grad():
             losses.append(loss_of(z).item())
-        flags = iter(parameters_before)
-        for module in modes:
-            for parameter in module.parameters():
-                parameter.requires_grad_(next(flags))
         return LatentResult(z=z.detach(), z0=z0.detach(), losses=losses)
     finally:
         for module, was_training in modes.items():
             module.train(was_training)
+        for parameter, flag in needs_grad.items():
+            parameter.requires_grad_(flag)

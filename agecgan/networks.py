@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from agecgan.ages import NUM_BUCKETS
+from agecgan.align import DEFAULT_FRAMING, LEGACY_FRAMING
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class AgeCGANConfig:
     discriminator_widths: tuple[int, ...] = (64, 128, 256, 512)  # stride-2 convs, kernel 3
     dropout: float = 0.2  # generator dense layers
     leaky_slope: float = 0.2  # every LeakyReLU
+    # How the faces it learns from are cut (align.Framing's scale and eye height): the aligner
+    # must cut a user's photo the same way. Set from the prepared data by training.
+    framing: tuple[float, float] = (DEFAULT_FRAMING.scale, DEFAULT_FRAMING.eye_height)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,6 +39,8 @@ class AgeCGANConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "AgeCGANConfig":
         tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        # Model folders from before framings were recorded were all trained on the legacy one.
+        tuples.setdefault("framing", (LEGACY_FRAMING.scale, LEGACY_FRAMING.eye_height))
         return cls(**tuples)
 
 

@@ -12,8 +12,11 @@ from torch import nn
 
 from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS, age_to_bucket, one_hot
 from agecgan.align import (
+    DEFAULT_FRAMING,
     FACE_SIZE,
     FaceAligner,
+    Framing,
+    Note,
     Photo,
     default_aligner,
     face_to_photo,
@@ -29,9 +32,19 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
 # 19-29 holds 7,419 of UTKFace's 23,624 faces.
 DEFAULT_INPUT_BUCKET = 1
 IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
-# Paste-back mask: an ellipse over the face in crop fractions (eyes at 0.38, mouth at 0.71),
-# opaque inside FEATHER of its radius, fading smoothly to 0 at its rim, well inside the crop.
-ELLIPSE_CENTER, ELLIPSE_AXES, FEATHER = (0.5, 0.53), (0.38, 0.45), 0.35
+# Paste-back mask: an ellipse over the face, its centre MASK_DROP eye distances below the eyes
+# and its half-axes MASK_AXES eye distances (capped to stay inside the crop), opaque inside
+# FEATHER of its radius and fading smoothly to 0 at its rim.
+MASK_DROP, MASK_AXES, FEATHER = 0.53, (1.34, 1.59), 0.35
+
+
+def mask_ellipse(framing: Framing) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(centre, half-axes) of the paste-back ellipse in crop fractions, for a framing."""
+    eye_distance = framing.eye_distance
+    centre_y = framing.eye_height + MASK_DROP * eye_distance
+    room = min(0.48, centre_y - 0.02, 0.98 - centre_y)  # the fade must end inside the crop
+    axes = (min(MASK_AXES[0] * eye_distance, room), min(MASK_AXES[1] * eye_distance, room))
+    return (0.5, centre_y), axes
 
 
 @dataclass
@@ -50,10 +63,10 @@ class AgingResult:
     reconstruction: Image.Image  # G(z, y_input)
     aged: list[Image.Image]  # six faces, youngest bucket first
     pasted: list[Image.Image]  # the same six faces in the photo
-    notes: list[str]  # what the pipeline assumed or changed, for the user
+    notes: list[Note]  # what the pipeline assumed or changed, for the user
 
 
-def shrink_to(image: Image.Image, side: int, notes: list[str]) -> Image.Image:
+def shrink_to(image: Image.Image, side: int, notes: list[Note]) -> Image.Image:
     """The photo with its longer side at most `side` px (Lanczos), noting it when it shrank:
     what the apps do to an upload before aging it, to bound time and memory."""
     if max(image.size) <= side:
@@ -61,9 +74,8 @@ def shrink_to(image: Image.Image, side: int, notes: list[str]) -> Image.Image:
     original = image.size
     image = image.copy()
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
-    notes.append(
-        f"large photo: shrunk from {original[0]}x{original[1]} to {image.width}x{image.height} px"
-    )
+    sizes = f"{original[0]}x{original[1]} to {image.width}x{image.height}"
+    notes.append(Note(f"large photo: shrunk from {sizes} px"))
     return image
 
 
@@ -89,7 +101,9 @@ def _check_weights(weights: Sequence[float]) -> torch.Tensor:
     return w / w.sum()
 
 
-def paste_face(photo: np.ndarray, face: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+def paste_face(
+    photo: np.ndarray, face: np.ndarray, matrix: np.ndarray, framing: Framing = DEFAULT_FRAMING
+) -> np.ndarray:
     """Warp a 64 px aligned face back into the photo (HxWx3 uint8) with the inverse of the
     photo -> crop matrix, through a feathered ellipse: pixels outside it are left untouched."""
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))  # crop px per photo px
@@ -104,10 +118,8 @@ def paste_face(photo: np.ndarray, face: np.ndarray, matrix: np.ndarray) -> np.nd
     if x1 <= x0 or y1 <= y0:
         return photo.copy()
     grid = (np.arange(side) + 0.5) / side
-    r = np.hypot(
-        (grid[None, :] - ELLIPSE_CENTER[0]) / ELLIPSE_AXES[0],
-        (grid[:, None] - ELLIPSE_CENTER[1]) / ELLIPSE_AXES[1],
-    )
+    centre, axes = mask_ellipse(framing)
+    r = np.hypot((grid[None, :] - centre[0]) / axes[0], (grid[:, None] - centre[1]) / axes[1])
     t = np.clip((1 - r) / FEATHER, 0, 1)
     alpha = t * t * (3 - 2 * t)  # smoothstep: no visible edge where the fade starts or ends
     layer = np.dstack([big.astype(np.float32), alpha.astype(np.float32)])
@@ -139,9 +151,13 @@ class AgingPipeline:
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device).eval()
         self.generator = generator.to(self.device).eval()
+        self.framing = Framing(*generator.config.framing)  # how G's faces are cut
         if aligner is None:  # on the CPU, share the process-wide MTCNN with align_face
             cpu = self.device.type == "cpu"
-            aligner = default_aligner() if cpu else FaceAligner(device=self.device)
+            framing = self.framing
+            aligner = (
+                default_aligner(framing) if cpu else FaceAligner(device=device, framing=framing)
+            )
         self.aligner = aligner
         self._recognizer = None
 
@@ -174,7 +190,8 @@ class AgingPipeline:
         if self._recognizer is None:
             from agecgan.face_recognition import FaceRecognizer
 
-            self._recognizer = FaceRecognizer.from_pretrained().to(self.device)
+            self._recognizer = FaceRecognizer.from_pretrained(framing=self.framing)
+            self._recognizer = self._recognizer.to(self.device)
         return self._recognizer
 
     def __call__(
@@ -186,46 +203,33 @@ class AgingPipeline:
         identity_steps: int = IDENTITY_STEPS,
         progress: Callable[[int, int, float], None] | None = None,
         output_size: int = 256,
+        faces_from: Callable | None = None,
     ) -> AgingResult:
         """Age the largest face of a photo (path, PIL image or HxW[xC] uint8 array).
 
         input_age: the person's age in years, which picks the bucket of the reconstruction and
         of identity optimization; None assumes DEFAULT_INPUT_BUCKET (19-29) and says so in
-        notes. progress(step, steps, loss) follows identity optimization. Raises ImageReadError
-        or FaceNotFoundError (both ValueErrors) with a message for the user.
+        notes. progress(step, steps, loss) follows identity optimization. faces_from, if given,
+        runs in place of self.faces_from (same arguments and results): an app's GPU worker.
+        Raises ImageReadError or FaceNotFoundError (both ValueErrors) with a message for the user.
         """
         image, notes = read_photo(photo)
         face = self.aligner(image)
         if face.num_faces > 1:
             box = ", ".join(f"{v:.0f}" for v in face.box)
-            notes.append(f"{face.num_faces} faces found; the largest (box {box}) was used")
+            text = f"{face.num_faces} faces found; the largest (box {box}) was used"
+            notes.append(Note(text, "warning"))  # perhaps not the face the user meant
         if input_age is None:
             bucket = DEFAULT_INPUT_BUCKET
-            notes.append(f"input age not given: assumed {BUCKET_LABELS[bucket]}")
+            notes.append(Note(f"input age not given: assumed {BUCKET_LABELS[bucket]}"))
         else:
             bucket = age_to_bucket(input_age)
         grayscale = is_gray(image)
         if grayscale:
-            notes.append("grayscale photo: the faces are shown in grayscale too")
-        x = to_model_range(torch.from_numpy(np.array(face.image))[None]).to(self.device)
-        y = one_hot(torch.tensor([bucket])).to(self.device)
-        with torch.inference_mode():
-            z0 = self.encoder(x)
-        z = z0.clone()  # a normal tensor: z may need gradients below
-        if optimize_identity and identity_steps > 0:
-            z = optimize_latent(
-                self.generator,
-                x,
-                y,
-                z0=z,
-                FR=self.recognizer,
-                steps=identity_steps,
-                lr=DEFAULT_LR,
-                progress=progress,
-            ).z
-        z = z.detach().cpu()
-        conditions = torch.cat([y.cpu(), torch.eye(NUM_BUCKETS)])
-        faces = self._generate(z, conditions, grayscale)
+            notes.append(Note("grayscale photo: the faces are shown in grayscale too"))
+        steps = identity_steps if optimize_identity else 0
+        run = faces_from or self.faces_from
+        z, faces = run(np.array(face.image), bucket, grayscale, steps, progress)
         rgb = np.asarray(image)
         return AgingResult(
             photo=image,
@@ -239,15 +243,48 @@ class AgingPipeline:
             grayscale=grayscale,
             reconstruction=_display(faces[0], output_size),
             aged=[_display(f, output_size) for f in faces[1:]],
-            pasted=[Image.fromarray(paste_face(rgb, f, face.matrix)) for f in faces[1:]],
+            pasted=[
+                Image.fromarray(paste_face(rgb, f, face.matrix, self.framing)) for f in faces[1:]
+            ],
             notes=notes,
         )
+
+    def faces_from(
+        self,
+        face: np.ndarray,
+        bucket: int,
+        grayscale: bool,
+        identity_steps: int,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The GPU-heavy part of a call: an aligned 64x64x3 uint8 face -> z = E(x), refined by
+        identity_steps of identity optimization, and G(z, y) for the input bucket and the six
+        buckets: z (1, z_dim) on the CPU and (7, 64, 64, 3) uint8 faces."""
+        x = to_model_range(torch.from_numpy(face)[None]).to(self.device)
+        y = one_hot(torch.tensor([bucket])).to(self.device)
+        with torch.inference_mode():
+            z0 = self.encoder(x)
+        z = z0.clone()  # a normal tensor: z may need gradients below
+        if identity_steps > 0:
+            z = optimize_latent(
+                self.generator,
+                x,
+                y,
+                z0=z,
+                FR=self.recognizer,
+                steps=identity_steps,
+                lr=DEFAULT_LR,
+                progress=progress,
+            ).z
+        z = z.detach().cpu()
+        conditions = torch.cat([y.cpu(), torch.eye(NUM_BUCKETS)])
+        return z, self._generate(z, conditions, grayscale)
 
     def render(self, result: AgingResult, weights: Sequence[float]):
         """The face and pasted photo for any mix of the six age conditions (a continuous age):
         weights are 6 non-negative numbers, normalized to sum 1. Returns (face, photo)."""
         face = self._generate(result.z, _check_weights(weights)[None], result.grayscale)[0]
-        return _display(face, result.output_size), _paste(result, face)
+        return _display(face, result.output_size), _paste(result, face, self.framing)
 
     def progression(self, result: AgingResult, frames: int = 30, pasted: bool = False):
         """Frames sweeping from the youngest bucket to the oldest, the condition interpolated
@@ -256,7 +293,7 @@ class AgingPipeline:
         conditions = torch.stack([_check_weights(age_weights(p)) for p in positions])
         faces = self._generate(result.z, conditions, result.grayscale)
         if pasted:
-            return [_paste(result, face) for face in faces]
+            return [_paste(result, face, self.framing) for face in faces]
         return [_display(face, result.output_size) for face in faces]
 
     def _generate(self, z: torch.Tensor, y: torch.Tensor, grayscale: bool) -> np.ndarray:
@@ -274,15 +311,16 @@ def _display(face: np.ndarray, size: int) -> Image.Image:
     return Image.fromarray(face).resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _paste(result: AgingResult, face: np.ndarray) -> Image.Image:
-    return Image.fromarray(paste_face(np.asarray(result.photo), face, result.matrix))
+def _paste(result: AgingResult, face: np.ndarray, framing: Framing) -> Image.Image:
+    return Image.fromarray(paste_face(np.asarray(result.photo), face, result.matrix, framing))
 
 
-def save_gif(frames: list[Image.Image], path: str | Path, frame_ms: int = 80) -> Path:
-    """An animated GIF of a progression, forth and back: the loop never jumps old to young."""
+def save_gif(frames: list[Image.Image], path, frame_ms: int = 80):
+    """An animated GIF of a progression, forth and back: the loop never jumps old to young.
+    path: a file path (returned as a Path) or a binary file object, such as io.BytesIO."""
     frames = frames + frames[-2:0:-1]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-    return Path(path)
+    frames[0].save(path, "GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return path if hasattr(path, "write") else Path(path)
 
 
 def grid_image(result: AgingResult) -> Image.Image:

@@ -123,6 +123,11 @@ def epoch_batches(
     return batches
 
 
+def default_run_dir(stage: str) -> str:
+    """runs/<stage>-<date>-<time>: a new folder per run started without --run-dir."""
+    return str(Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def save_grid(rows: list[torch.Tensor], path: Path) -> np.ndarray:
     """Save faces as a grid: each row a (C, 3, H, W) batch in [-1, 1]. Returns the uint8 image."""
     grid = torch.cat([torch.cat(list(to_uint8(row.cpu())), dim=1) for row in rows], dim=0)
@@ -183,7 +188,7 @@ class Run:
     def _name_folder(self) -> Path:
         options = self.options
         if not options.run_dir:
-            name = [str(Path("runs") / f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}")]
+            name = [default_run_dir(self.stage)]
             if self.runtime.world_size > 1:
                 dist.broadcast_object_list(name, src=0)  # the ranks' clocks may straddle a second
             options.run_dir = name[0]

@@ -6,7 +6,10 @@ rest (folder, resume, batches, logs, sample grids, snapshots, atomic state saves
 with its help text: `python train.py <stage> --help` lists them.
 """
 
-from dataclasses import dataclass
+import dataclasses
+import statistics
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +22,7 @@ from agecgan.face_recognition import FaceRecognizer
 from agecgan.losses import adversarial_loss, euclidean_loss
 from agecgan.networks import AgeCGANConfig, Discriminator, Encoder, Generator, to_model_range
 from agecgan.prepare import FaceDataset
-from agecgan.runs import Run, RunOptions, option
+from agecgan.runs import Run, RunOptions, default_run_dir, option
 
 
 @dataclass
@@ -122,7 +125,10 @@ def reconstruction_rows(E: nn.Module, G: nn.Module, x: torch.Tensor) -> list[tor
 def train_gan(options: GanOptions) -> TrainResult:
     """Train G and D; returns the folder of the finished weights and the networks."""
     run = Run(options, "gan")
-    config = AgeCGANConfig.from_dict(options.config)
+    dataset = FaceDataset.load(options.data, split="train")
+    # G learns faces cut with the data's framing, and its model folder says so.
+    framing = (dataset.framing.scale, dataset.framing.eye_height)
+    config = replace(AgeCGANConfig.from_dict(options.config), framing=framing)
     G, D = run.place(Generator(config)), run.place(Discriminator(config))
     betas = (options.beta1, options.beta2)
     optimizer_g = torch.optim.Adam(G.parameters(), options.lr_g, betas=betas)
@@ -133,12 +139,12 @@ def train_gan(options: GanOptions) -> TrainResult:
         optimizer_g.load_state_dict(state["optimizer_g"])
         optimizer_d.load_state_dict(state["optimizer_d"])
     G_ddp, D_ddp = run.distributed(G), run.distributed(D)
-    dataset = FaceDataset.load(options.data, split="train")
     sample_z = fixed_sample_noise(config, options.sample_columns, options.seed).to(run.device)
     noise = run.noise
+    images = dataset.images.to(run.device)  # on a GPU the faces (290 MB) are indexed there
 
     for indices in run.batches(len(dataset)):
-        x = to_model_range(dataset.images[indices])  # (B, 3, 64, 64) real faces
+        x = to_model_range(images[indices.to(images.device)])  # (B, 3, 64, 64) real faces
         if options.hflip:
             flip = torch.rand(len(x), generator=noise) < 0.5
             x[flip] = x[flip].flip(3)
@@ -350,3 +356,57 @@ def train_identity(options: IdentityOptions) -> TrainResult:
         lambda folder: export_encoder_model(folder, options.model, E, G), **trained
     )
     return TrainResult(model_dir, trained, run.speeds)
+
+
+# ---- all stages, one command (a GPU reproduces the default model in minutes) ----------------
+
+
+@dataclass
+class AllOptions(GanOptions):
+    """Stage 1 for --epochs, stage 2 on --pairs, an fp16 export and the evaluation report, end
+    to end in run_dir: what `python train.py all` runs (the README's GPU recipe)."""
+
+    mismatched_ages: bool = option(True, "matching-aware D, as the default model was trained")
+    hflip: bool = option(True, "random horizontal flips, as the default model was trained")
+    epochs: int = option(100, "stage-1 passes over the training faces (the paper's horizon)")
+    snapshot_every: int = option(0, "steps between kept fp16 weight exports of stage 1 (0: none)")
+    pairs: int = option(100_000, "stage 2's (z, y) pairs, as the paper")
+    encoder_epochs: int = option(3, "stage-2 passes over the pairs")
+    evaluate_limit: int = option(500, "test faces the evaluation ages (0: no evaluation)")
+
+
+def train_all(options: AllOptions) -> TrainResult:
+    """Run stages 1 and 2, export the model in fp16 and evaluate it; prints images/s."""
+    folder = Path(options.run_dir or default_run_dir("all"))
+    shared = {f.name: getattr(options, f.name) for f in dataclasses.fields(RunOptions)}
+    gan_fields = {f.name for f in dataclasses.fields(GanOptions)}
+    gan_values = {k: v for k, v in dataclasses.asdict(options).items() if k in gan_fields}
+    gan = train_gan(GanOptions(**(gan_values | {"run_dir": str(folder / "gan")})))
+    stage_2 = {"run_dir": str(folder / "encoder"), "snapshot_every": 0, "max_steps": 0}
+    stage_2 |= {"epochs": options.encoder_epochs}
+    encoder = train_encoder(
+        EncoderOptions(
+            **(shared | stage_2),
+            generator=str(gan.model_dir),
+            pairs=options.pairs,
+            data=options.data,
+        )
+    )
+    model_dir = folder / "model"
+    export_model(
+        model_dir,
+        encoder.networks["encoder"].config,
+        torch.float16,
+        encoder=load_network(encoder.model_dir, "encoder"),
+        generator=load_network(encoder.model_dir, "generator"),
+        discriminator=load_network(encoder.model_dir, "discriminator"),
+    )
+    for stage, result in (("stage 1", gan), ("stage 2", encoder)):
+        speeds = result.speeds[len(result.speeds) // 10 :] or result.speeds  # after warm-up
+        print(f"{stage}: {statistics.median(speeds):,.0f} images/s (median)", file=sys.stderr)
+    if options.evaluate_limit:
+        from agecgan.evaluate import main as evaluate
+
+        limit = str(options.evaluate_limit)
+        evaluate(["report", "--model", str(model_dir), "--data", options.data, "--limit", limit])
+    return TrainResult(model_dir, encoder.networks | gan.networks, gan.speeds + encoder.speeds)

@@ -3,8 +3,9 @@
     streamlit run app/streamlit_app.py                  # the shipped checkpoints/
     streamlit run app/streamlit_app.py -- --model DIR   # or AGECGAN_MODEL=DIR
 
-The same steps, limits and messages as the Gradio app (app/app.py, whose constants it shares);
-uploads stay in memory, and one user's aged photo lives in their session only.
+Layout, wiring and launch over agecgan.service: the limits, checks, messages and aging that the
+Gradio app (app/app.py) uses too. Uploads stay in memory, and one user's aged photo lives in
+their session only.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
@@ -27,26 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run app/streamlit_app.py` where agecgan is not installed
     sys.path.insert(0, str(ROOT))
 
-# Streamlit puts the script's folder first on sys.path while the page runs: `app` is app/app.py.
-import app as gradio_app  # noqa: E402
+from agecgan import service  # noqa: E402
 from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS  # noqa: E402
-from agecgan.align import FaceNotFoundError, read_photo  # noqa: E402
+from agecgan.align import Note  # noqa: E402
 from agecgan.pipeline import (  # noqa: E402
     DEFAULT_MODEL,
     IDENTITY_STEPS,
     AgingPipeline,
     AgingResult,
     age_weights,
-    shrink_to,
 )
+from agecgan.service import EXAMPLES, RequestError  # noqa: E402
 
-EXAMPLES = {  # the Gradio app's examples: name -> (file in app/examples, age in years or None)
-    "Grace Hopper": ("grace_hopper.jpg", 77),
-    "Eileen Collins": ("eileen_collins.jpg", None),
-    "The cameraman": ("cameraman.jpg", None),
-}
 PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]  # what PIL reads
-MAX_UPLOAD_MB = int(gradio_app.MAX_UPLOAD.removesuffix("mb"))  # the Gradio app's "25mb"
 # Photos are shown at most this wide: Streamlit would otherwise shrink (and re-encode) a larger
 # one on every rerun, that is at every move of a slider.
 PHOTO_SIDE = 1024
@@ -62,10 +56,6 @@ stay in this server's memory, for your session only; nothing is written to disk.
 log = logging.getLogger(__name__)
 
 
-class PhotoError(ValueError):
-    """A photo the page cannot age; the message is for the user."""
-
-
 @dataclass
 class Aged:
     """One photo aged, kept in st.session_state: the sliders re-render from z without E or
@@ -77,7 +67,7 @@ class Aged:
     captions: list[str]
     photos: list[bytes]  # JPEG: the six ages pasted into the photo
     gif: bytes  # the progression, youngest to oldest and back
-    notes: list[str]  # what reading and aging changed or assumed
+    notes: list[Note]  # what reading and aging changed or assumed
 
 
 def model_folder(argv: list[str]) -> str | None:
@@ -98,20 +88,7 @@ def load_pipeline(folder: str | None) -> AgingPipeline:
 @st.cache_resource
 def aging_slots() -> threading.BoundedSemaphore:
     """A CPU ages one or two photos at a time efficiently: the others wait for a slot."""
-    return threading.BoundedSemaphore(gradio_app.AGE_CONCURRENCY)
-
-
-def read_upload(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
-    """Bytes in memory -> upright RGB photo and notes, as strict as read_photo is with a file
-    (size cap, truncation, format), then shrunk to the Gradio app's MAX_PHOTO_SIDE."""
-    if len(data) > MAX_UPLOAD_MB * 2**20:  # the browser refuses these; a script may not
-        raise PhotoError(f"{name} is larger than the {MAX_UPLOAD_MB} MB allowed for a photo.")
-    try:
-        image, notes = read_photo(data, name)
-    except Exception as error:  # ImageReadError, or what PIL's decoders raise beyond it
-        # (a corrupt TIFF: TypeError): whatever the reason, the user's file is unreadable.
-        raise PhotoError(gradio_app.unreadable_message(str(error))) from error
-    return shrink_to(image, gradio_app.MAX_PHOTO_SIDE, notes), notes
+    return threading.BoundedSemaphore(service.AGE_CONCURRENCY)
 
 
 def encode(image: Image.Image, image_format: str) -> bytes:
@@ -124,23 +101,6 @@ def encode(image: Image.Image, image_format: str) -> bytes:
         image.save(buffer, image_format, quality=90)  # photos: as the Gradio app saves them
     else:
         image.save(buffer, image_format)
-    return buffer.getvalue()
-
-
-def progression_gif(pipeline: AgingPipeline, result: AgingResult) -> bytes:
-    """The Gradio app's progression GIF, written as pipeline.save_gif writes it (forth, then
-    back without repeating the ends), into memory: save_gif takes a path."""
-    frames = pipeline.progression(result, frames=gradio_app.GIF_FRAMES)
-    frames = frames + frames[-2:0:-1]
-    buffer = io.BytesIO()
-    frames[0].save(
-        buffer,
-        "GIF",
-        save_all=True,
-        append_images=frames[1:],
-        duration=gradio_app.GIF_FRAME_MS,
-        loop=0,
-    )
     return buffer.getvalue()
 
 
@@ -169,8 +129,8 @@ def age_photo(
         bar.progress(step / total, text=f"preserving identity (loss {loss:.3f})")
 
     try:
-        image, read_notes = read_upload(data, name)
-        result, gif = _age(pipeline, image, input_age, identity, steps, progress, bar)
+        image, read_notes = service.read_upload(data, name)
+        aged = _age(pipeline, image, read_notes, input_age, identity, steps, progress, bar)
     except BaseException:  # a user error, or Streamlit stopping this run for a newer one
         bar.empty()
         raise
@@ -178,17 +138,18 @@ def age_photo(
     if losses:
         done += f" (identity loss {losses[-1]:.3f} after {len(losses)} steps)"
     bar.progress(1.0, text=done)
+    result = aged.result
     size = result.reconstruction.size
     faces = [result.aligned.resize(size, Image.Resampling.LANCZOS), result.reconstruction]
     captions = ["input (aligned)", f"reconstruction ({BUCKET_LABELS[result.input_bucket]})"]
     st.session_state["aged"] = Aged(
         key=key,
-        result=replace(result, aged=[], pasted=[]),
+        result=aged.kept(),
         faces=[encode(face, "PNG") for face in faces + result.aged],
         captions=captions + list(BUCKET_LABELS),
         photos=[encode(photo, "JPEG") for photo in result.pasted],
-        gif=gif,
-        notes=read_notes + result.notes,
+        gif=aged.gif,
+        notes=aged.notes,
     )
     return st.session_state["aged"]
 
@@ -196,30 +157,20 @@ def age_photo(
 def _age(
     pipeline: AgingPipeline,
     image: Image.Image,
+    read_notes: list[Note],
     input_age: int | None,
     identity: bool,
     steps: int,
     progress: Callable[[int, int, float], None],
     bar: DeltaGenerator,
-) -> tuple[AgingResult, bytes]:
-    """The pipeline and the progression GIF, in one of the server's aging slots."""
+) -> service.Aged:
+    """service.age_photo (the faces, the notes, the GIF) in one of the server's aging slots."""
     slots = aging_slots()
     while not slots.acquire(timeout=0.5):  # each st call lets Streamlit end a run gone stale
         bar.progress(0.0, text="waiting: other photos are being aged")
     try:
         bar.progress(0.0, text="finding the face")
-        result = pipeline(
-            image,
-            input_age=input_age,
-            optimize_identity=identity,
-            identity_steps=steps,
-            progress=progress,
-            output_size=gradio_app.OUTPUT_SIZE,
-        )
-        bar.progress(1.0, text="making the progression")
-        return result, progression_gif(pipeline, result)
-    except FaceNotFoundError as error:
-        raise PhotoError(gradio_app.no_face_message(error)) from error
+        return service.age_photo(pipeline, image, read_notes, input_age, identity, steps, progress)
     finally:
         slots.release()
 
@@ -229,7 +180,10 @@ def photo_input() -> tuple[bytes, str] | None:
     source = st.radio("Photo", SOURCES, horizontal=True, key="source")
     if source == "Upload":
         upload = st.file_uploader(
-            "Upload a photo", type=PHOTO_TYPES, max_upload_size=MAX_UPLOAD_MB, key="upload"
+            "Upload a photo",
+            type=PHOTO_TYPES,
+            max_upload_size=service.MAX_UPLOAD_MB,
+            key="upload",
         )
         return (upload.getvalue(), upload.name) if upload else None
     if source == "Webcam":
@@ -245,7 +199,7 @@ def photo_input() -> tuple[bytes, str] | None:
     )
     if example is None:
         return None
-    return (gradio_app.EXAMPLES / EXAMPLES[example][0]).read_bytes(), example
+    return (service.EXAMPLES_FOLDER / EXAMPLES[example][0]).read_bytes(), example
 
 
 def _example_chosen() -> None:
@@ -267,12 +221,12 @@ def show(pipeline: AgingPipeline, aged: Aged) -> None:
         st.columns(len(aged.faces)), aged.faces, aged.captions, strict=True
     ):
         column.image(face, caption=caption, output_format="PNG", width="stretch")
-    for note in aged.notes:  # "N faces found; the largest ... was used" is worth a warning
-        (st.warning if " faces found; " in note else st.info)(note)
+    for note in aged.notes:
+        (st.warning if note.kind == "warning" else st.info)(note)
 
     st.subheader("Blend ages")
-    st.session_state.setdefault("position", gradio_app.START_POSITION)
-    for bucket, weight in enumerate(age_weights(gradio_app.START_POSITION)):
+    st.session_state.setdefault("position", service.START_POSITION)
+    for bucket, weight in enumerate(age_weights(service.START_POSITION)):
         st.session_state.setdefault(f"weight_{bucket}", round(float(weight), 3))
     sliders, blended_face, blended_photo = st.columns([1, 1, 2])
     with sliders:
@@ -289,14 +243,15 @@ def show(pipeline: AgingPipeline, aged: Aged) -> None:
             st.slider(f"Weight of {label}", 0.0, 1.0, step=0.05, key=f"weight_{bucket}")
             for bucket, label in enumerate(BUCKET_LABELS)
         ]
-    if sum(weights) > 0:
-        face, photo = pipeline.render(aged.result, weights)
+    try:
+        face, photo = service.blend(pipeline, aged.result, weights)
+    except RequestError as error:  # all six at 0
+        blended_face.warning(str(error))
+    else:
         blended_face.image(encode(face, "PNG"), caption="Blended face", output_format="PNG")
         blended_photo.image(
             encode(photo, "JPEG"), caption="Blended, in the photo", output_format="JPEG"
         )
-    else:
-        blended_face.warning(gradio_app.NO_WEIGHT)
 
     st.subheader("Progression, youngest to oldest")
     st.image(aged.gif, width=256)
@@ -321,7 +276,7 @@ def main() -> None:
     try:
         pipeline = load_pipeline(folder)
     except FileNotFoundError as error:
-        st.error(gradio_app.NO_MODEL if folder is None else str(error))
+        st.error(service.NO_MODEL if folder is None else str(error))
         st.caption("Here: `streamlit run app/streamlit_app.py -- --model DIR`")
         return
     except Exception as error:  # a damaged file, a folder of another architecture
@@ -332,8 +287,8 @@ def main() -> None:
         photo = photo_input()
         input_age = st.number_input(
             "Age of the person in the photo (years)",
-            min_value=1,
-            max_value=120,
+            min_value=service.MIN_AGE,
+            max_value=service.MAX_AGE,
             value=None,
             step=1,
             placeholder="unknown: 19-29 is assumed",
@@ -348,16 +303,16 @@ def main() -> None:
         steps = st.slider(
             "Identity steps",
             0,
-            gradio_app.MAX_IDENTITY_STEPS,
+            service.MAX_IDENTITY_STEPS,
             IDENTITY_STEPS,
             disabled=not identity,
         )
     if photo is None:
-        st.info(gradio_app.NO_PHOTO)
+        st.info(service.NO_PHOTO)
         return
     try:
         aged = age_photo(pipeline, *photo, input_age, identity, steps)
-    except PhotoError as error:
+    except RequestError as error:
         st.error(str(error))
         return
     show(pipeline, aged)

@@ -30,6 +30,7 @@ from agecgan.ages import NUM_BUCKETS, one_hot
 from agecgan.align import read_photo
 from agecgan.networks import to_model_range
 from agecgan.pipeline import IDENTITY_STEPS, AgingPipeline, age_weights
+from agecgan.service import MAX_IDENTITY_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTO = ROOT / "app" / "examples" / "eileen_collins.jpg"
@@ -124,7 +125,7 @@ def main() -> None:
         lambda: pipeline(args.photo, input_age=40, identity_steps=IDENTITY_STEPS),
         max(3, args.repeats // 2),
     )
-    face = pipeline.detect(image)
+    face = pipeline.aligner(image)
     x = to_model_range(torch.from_numpy(np.array(face.image))[None])
     conditions = torch.cat([one_hot(torch.tensor([1])), torch.eye(NUM_BUCKETS)])
 
@@ -134,12 +135,19 @@ def main() -> None:
 
     parts = {
         "read photo": median_ms(lambda: read_photo(args.photo), args.repeats),
-        "MTCNN detect + align": median_ms(lambda: pipeline.detect(image), args.repeats),
+        "MTCNN detect + align": median_ms(lambda: pipeline.aligner(image), args.repeats),
         "E + G (7 faces)": median_ms(encode_and_generate, args.repeats),
         "paste back (6 photos)": median_ms(
             lambda: [pipeline.render(result, np.eye(NUM_BUCKETS)[i]) for i in range(6)],
             args.repeats,
         ),
+    }
+    # The app's GPU function on ZeroGPU (faces_from: E, identity steps, G for 7 faces), here on
+    # the CPU at the app's most steps: what its @spaces.GPU duration is sized from.
+    aligned = np.array(face.image)
+    gpu_part = {
+        steps: median_ms(lambda s=steps: pipeline.faces_from(aligned, 3, False, s), reps)
+        for steps, reps in ((0, args.repeats), (MAX_IDENTITY_STEPS, 3))
     }
     slider = median_ms(lambda: pipeline.render(result, age_weights(2.5)), args.repeats)
     gif = median_ms(lambda: pipeline.progression(result, frames=24), max(3, args.repeats // 2))
@@ -155,6 +163,10 @@ def main() -> None:
     for name, value in parts.items():
         print(f"  {name:<32} {value:8.1f} ms")
     print(f"slider move (one render + paste): {slider:.1f} ms; 24-frame progression: {gif:.0f} ms")
+    print(
+        f"the app's GPU function (faces_from) on this CPU: {gpu_part[0]:.0f} ms at 0 steps, "
+        f"{gpu_part[MAX_IDENTITY_STEPS]:.0f} ms at {MAX_IDENTITY_STEPS}"
+    )
     print(f"this process: {memory_mib()}")
     if not args.no_app:
         figures = app_memory(args.model, Path(args.photo))

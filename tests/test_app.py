@@ -1,8 +1,15 @@
 """The Gradio app on a tiny model: handlers on good and broken photos, API under load, no model."""
 
 import hashlib
+import http.server
+import os
+import pickle
 import struct
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +24,7 @@ from helpers import TINY, free_port, load_app
 from PIL import Image
 
 import agecgan.pipeline
+import agecgan.service
 from agecgan import BUCKET_LABELS, AgingPipeline, Encoder, Generator
 from agecgan.checkpoints import export_model
 
@@ -194,10 +202,10 @@ def test_broken_photos_raise_clear_messages(
 
 
 def test_any_decoder_failure_is_a_clear_message(tmp_path, monkeypatch, pipeline):
-    def corrupt_tiff(path):  # what PIL raised on one corrupt TIFF in a fuzzing run
+    def corrupt_tiff(path, name=None):  # what PIL raised on one corrupt TIFF in a fuzzing run
         raise TypeError("Missing dimensions")
 
-    monkeypatch.setattr(webapp, "read_photo", corrupt_tiff)
+    monkeypatch.setattr(agecgan.service, "read_photo", corrupt_tiff)
     (tmp_path / "scan.tif").write_bytes(b"II*\x00")
     with pytest.raises(gr.Error) as error:
         age(pipeline, tmp_path / "scan.tif")
@@ -354,3 +362,253 @@ def test_without_a_model_the_app_starts_and_says_so(tmp_path, monkeypatch, uploa
             client.predict(handle_file(str(grace_hopper)), 77, False, 0, api_name="/age")
     finally:
         demo.close()
+
+
+# What both apps share (agecgan.service), and what the issues found through the real server.
+
+
+@pytest.mark.parametrize(
+    ("input_age", "steps", "message"),
+    [
+        (float("inf"), 0, "The age must be a number of years, not inf"),
+        (float("nan"), 0, "The age must be a number of years, not nan"),
+        ("abc", 0, "The age must be a number of years, not 'abc'"),
+        (30, float("nan"), "Identity steps must be between 0 and 100 (a whole number), not nan"),
+        (30, "abc", "Identity steps must be between 0 and 100 (a whole number), not 'abc'"),
+        (30, float("inf"), "Identity steps must be between 0 and 100"),
+        (30, 2.5, "Identity steps must be between 0 and 100"),
+    ],
+)
+def test_odd_numbers_get_clear_messages_and_the_upload_goes_at_once(
+    uploads, pipeline, astronaut, input_age, steps, message
+):
+    folder = uploads / "odd"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(astronaut).save(folder / "me.png")
+    with pytest.raises(gr.Error) as error:
+        webapp.age_photo(pipeline, {"path": str(folder / "me.png")}, input_age, True, steps)
+    assert message in error.value.message
+    assert not (folder / "me.png").exists()  # refused: deleted now, not at the next sweep
+
+
+def test_odd_slider_values_get_clear_messages(pipeline, grace_hopper):
+    *_, session = age(pipeline, grace_hopper, input_age=77)
+    for position in (float("nan"), float("inf"), "abc", 7):
+        with pytest.raises(gr.Error) as error:
+            webapp.sweep(pipeline, session, position)
+        assert "The age position must be a number from 0 to 5" in error.value.message
+    for weights in ([float("nan"), 0, 0, 0, 0, 1], [float("inf"), 0, 0, 0, 0, 1], [1, 2]):
+        with pytest.raises(gr.Error) as error:
+            webapp.blend(pipeline, session, *weights)
+        assert "Give 6 age weights, each a number of 0 or more" in error.value.message
+
+
+def test_notes_carry_a_kind(pipeline, astronaut, grace_hopper, tmp_path):
+    path = write_photo("two faces", astronaut, grace_hopper, tmp_path)
+    image, read_notes = agecgan.service.read_upload(path, "two.png")
+    aged = agecgan.service.age_photo(pipeline, image, read_notes, None, False, 0)
+    kinds = {str(note): note.kind for note in aged.notes}
+    [warning] = [text for text, kind in kinds.items() if kind == "warning"]
+    assert warning.startswith("2 faces found; the largest (box ")
+    assert kinds["input age not given: assumed 19-29"] == "info"
+    # The Gradio app shows the warning in bold, the others as they are.
+    notes = age(pipeline, path)[3]
+    assert f"- **{warning}**" in notes and "- input age not given: assumed 19-29" in notes
+
+
+def test_empty_folders_in_the_cache_are_swept(tmp_path):
+    cache, old = tmp_path / "cache", time.time() - 600
+    for name in ("old-empty/inner", "young-empty", "old-full"):
+        (cache / name).mkdir(parents=True)
+    (cache / "old-full" / "face.png").write_bytes(b"png")
+    for name in ("old-empty/inner", "old-empty", "old-full"):
+        os.utime(cache / name, (old, old))
+    assert webapp.sweep_empty_folders(cache, 60) == 1  # inner; its parent was touched by that
+    assert webapp.sweep_empty_folders(cache, 0) == 2  # now old-empty, and young-empty
+    assert sorted(p.name for p in cache.iterdir()) == ["old-full"]
+
+
+def test_without_spaces_the_gpu_part_runs_in_the_pipeline(monkeypatch, pipeline, grace_hopper):
+    monkeypatch.setitem(sys.modules, "spaces", None)  # `import spaces` fails, as on a laptop
+    plain = load_app("agecgan_app_without_spaces")
+    assert plain.spaces is None and plain._faces_from(pipeline) is None
+    faces, pasted, gif, _, session = plain.age_photo(
+        pipeline, grace_hopper, 77, True, 2, progress=lambda *a, **k: None
+    )
+    assert faces[0][1] == "reconstruction (60+)" and len(pasted) == 6 and Path(gif).is_file()
+    assert isinstance(session, plain.Session)
+
+
+def test_zero_gpu_gets_a_key_and_a_face_and_never_a_slider(monkeypatch, pipeline, grace_hopper):
+    """ZeroGPU runs @spaces.GPU functions in a worker, their arguments and results pickled
+    across. That worker cannot run here: this stand-in pickles both ways, as ZeroGPU does, and
+    counts the calls; the real `spaces` package is installed and its decorator is in place."""
+    import spaces
+
+    assert webapp.spaces is spaces
+    calls, gpu_function = [], webapp.faces_on_gpu
+
+    def across_the_boundary(*args):
+        sent = pickle.dumps(args)
+        calls.append(len(sent))
+        return pickle.loads(pickle.dumps(gpu_function(*pickle.loads(sent))))
+
+    monkeypatch.setattr(webapp, "ZERO_GPU", True)  # no progress callback crosses
+    monkeypatch.setattr(webapp, "faces_on_gpu", across_the_boundary)
+    faces, *_, session = webapp.age_photo(pipeline, grace_hopper, 77, True, 2)
+    assert len(calls) == 1 and calls[0] < 20_000  # a key, a 64x64 face, three numbers
+    assert faces[0][1] == "reconstruction (60+)"
+    webapp.blend(pipeline, session, 0, 0, 0, 0, 0, 1)
+    webapp.sweep(pipeline, session, 2.5)
+    assert len(calls) == 1  # the sliders render on the CPU
+    assert webapp.gpu_seconds(0, None, 3, False, 100) == 12  # 5 s + 100 x 65 ms, measured
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, uploads, pipeline):
+    """The real app on a loopback port, sweeping empty folders every second."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(webapp, "CACHE_SWEEP_S", 1)
+        demo = webapp.build_demo(pipeline)
+        port = free_port()
+        webapp.launch(
+            demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+        )
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+
+
+def client_of(url: str, tmp_path: Path):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+
+
+def left_in(uploads: Path, photo: Path) -> list[Path]:
+    """Copies of a photo's bytes still in Gradio's upload folder."""
+    digest = hashlib.sha256(photo.read_bytes()).hexdigest()
+    files = [p for p in uploads.rglob("*") if p.is_file()]
+    return [p for p in files if hashlib.sha256(p.read_bytes()).hexdigest() == digest]
+
+
+def test_ten_users_sending_the_same_photo_at_once_all_get_answers(
+    tmp_path, monkeypatch, uploads, server, astronaut
+):
+    from gradio_client import handle_file
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # gradio_client's leftovers
+    photo = tmp_path / "me.png"  # one file, one name: the same server path for everyone
+    Image.fromarray(astronaut).save(photo)
+    clients = [client_of(server, tmp_path) for _ in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(
+            pool.map(
+                lambda client: client.predict(
+                    handle_file(str(photo)), 40, False, 0, api_name="/age"
+                ),
+                clients,
+            )
+        )
+    assert all(len(faces) == 7 and len(pasted) == 6 for faces, pasted, *_ in answers)
+    assert not left_in(uploads, photo)  # each upload went with its request
+
+
+def raw_call(url: str, endpoint: str, body: str) -> str:
+    """POST a JSON body as written (Infinity and NaN included, which gradio_client refuses to
+    send) to one of the app's endpoints; returns the event stream of its answer."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as http:
+        sent = http.post(f"gradio_api/call/{endpoint}", content=body, headers=JSON)
+        answer = http.get(f"gradio_api/call/{endpoint}/{sent.json()['event_id']}")
+    return answer.text
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_odd_numbers_through_the_api_get_the_apps_messages(uploads, server, astronaut, tmp_path):
+    import httpx
+
+    photo = tmp_path / "odd.png"
+    Image.fromarray(astronaut).save(photo)
+    for age, steps, message in [
+        ("Infinity", "0", "The age must be a number of years, not inf"),
+        ('"inf"', "0", "The age must be a number of years, not 'inf'"),
+        ("30", "NaN", "Identity steps must be between 0 and 100 (a whole number), not nan"),
+        ("30", '"abc"', "Identity steps must be between 0 and 100 (a whole number), not 'abc'"),
+    ]:
+        with photo.open("rb") as file:
+            [path] = httpx.post(f"{server}gradio_api/upload", files={"files": file}).json()
+        data = (
+            f'{{"path": "{path}", "orig_name": "odd.png", "meta": {{"_type": "gradio.FileData"}}}}'
+        )
+        events = raw_call(server, "age", f'{{"data": [{data}, {age}, false, {steps}]}}')
+        assert "event: error" in events and message in events, events
+        assert not left_in(uploads, photo)  # refused, and deleted with the refusal
+    # The sliders' endpoints, in one session (session_hash) that has aged a photo first.
+    with photo.open("rb") as file:
+        [path] = httpx.post(f"{server}gradio_api/upload", files={"files": file}).json()
+    data = f'{{"path": "{path}", "orig_name": "odd.png", "meta": {{"_type": "gradio.FileData"}}}}'
+    session = '"session_hash": "odd-numbers"'
+    events = raw_call(server, "age", f'{{"data": [{data}, 30, false, 0], {session}}}')
+    assert "event: complete" in events, events
+    for endpoint, values, message in [
+        ("sweep", "NaN", "The age position must be a number from 0 to 5, not nan"),
+        ("blend", "NaN, 0, 0, 0, 0, 1", "Give 6 age weights, each a number of 0 or more"),
+    ]:
+        events = raw_call(server, endpoint, f'{{"data": [{values}], {session}}}')
+        assert "event: error" in events and message in events, events
+
+
+def test_a_photo_given_as_a_url_is_refused_unfetched(tmp_path, monkeypatch, server, grace_hopper):
+    from gradio_client import handle_file
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fetched = []
+
+    class Photos(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a photo, then 30 MB more: over the upload limit
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            self.wfile.write(grace_hopper.read_bytes() + b"\0" * (30 * 2**20))
+
+        def log_message(self, *args):
+            pass
+
+    photos = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Photos)
+    threading.Thread(target=photos.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{photos.server_address[1]}/photo.jpg"
+        with pytest.raises(Exception, match="Photos are taken as files only, not as URLs"):
+            client_of(server, tmp_path).predict(handle_file(url), 40, False, 0, api_name="/age")
+    finally:
+        photos.shutdown()
+    assert not fetched
+
+
+def test_the_server_sweeps_empty_folders(uploads, server):
+    folder, old = uploads / "emptied-results", time.time() - 120
+    folder.mkdir()
+    os.utime(folder, (old, old))
+    deadline = time.monotonic() + 10
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists()
+
+
+def test_the_soak_script_answers_every_request(tmp_path, pipeline):
+    """bench/soak.py, briefly, on a tiny model: the README's soak figures come from it."""
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    export_model(model, TINY, encoder=Encoder(TINY), generator=Generator(TINY))
+    command = [sys.executable, str(ROOT / "bench" / "soak.py"), "--model", str(model)]
+    command += ["--requests", "16", "--threads", "4", "--warmup", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert "answered          16/16" in done.stdout, done.stdout + done.stderr
+    assert "memory (RSS)" in done.stdout and "after 16:" in done.stdout

@@ -78,3 +78,16 @@ def test_seeded_noise_is_deterministic_and_bad_arguments_are_refused(setup):
         optimize_latent(G, x, y, E=E, objective="vgg")
     with pytest.raises(ValueError, match="encoder E or a starting z0"):
         optimize_latent(G, x, y, FR=FR)
+
+
+def test_a_stopped_optimization_leaves_the_networks_trainable(setup):
+    """A stopped app run raises from progress(); G must not stay frozen (requires_grad)."""
+    E, G, FR, x, y = setup
+    G.requires_grad_(True)
+
+    def stop(step, steps, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize_latent(G, x, y, E=E, FR=FR, steps=3, progress=stop)
+    assert all(p.requires_grad for p in G.parameters())

@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 
 import agecgan.prepare as prepare_module
+from agecgan.align import DEFAULT_FRAMING
 from agecgan.networks import to_model_range, to_uint8
 from agecgan.prepare import (
     FaceDataset,
     prepare,
     save_cache,
     split_of,
+    write_pack,
 )
 from agecgan.sources import scan_utkface
 
@@ -159,8 +161,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prepares_a_utkface_folder(utkface, tmp_path):
-    result = run_cli("utkface", str(utkface), "--out", str(tmp_path), "--workers", "1")
+    result = run_cli("utkface", str(utkface), "--out", str(tmp_path), "--workers", "1", "--pack")
     assert result.returncode == 0, result.stderr
+    assert FaceDataset.load(tmp_path / "faces-pack.npz", split=None).names == (
+        FaceDataset.load(tmp_path, split=None).names
+    )
     lines = result.stdout.splitlines()
     assert any(line.split() == ["kept", "3"] for line in lines), result.stdout
     assert any(line.split() == ["dropped:", "no", "face", "detected", "1"] for line in lines)
@@ -198,3 +203,38 @@ def test_corrupt_cache_is_a_clear_error(tmp_path, damage):
         (tmp_path / "faces.npz").write_bytes(b"not a zip file" * 100)
     with pytest.raises(ValueError, match="corrupt dataset.*prepare"):
         FaceDataset.load(tmp_path, split=None)
+
+
+def test_prepare_records_the_framing_and_how_much_of_each_face_was_invented(prepared):
+    prepared, report = prepared
+    with np.load(prepared / "faces.npz") as cache:
+        outside, landmarks, framing = cache["outside"], cache["landmarks"], cache["framing"]
+    assert framing.tolist() == pytest.approx([DEFAULT_FRAMING.scale, DEFAULT_FRAMING.eye_height])
+    assert FaceDataset.load(prepared, split=None).framing == DEFAULT_FRAMING
+    assert landmarks.shape == (len(outside), 5, 2)
+    assert outside.min() >= 0 and outside.max() < 0.05  # whole photos: the faces lie inside
+    assert report.outside_mean == pytest.approx(float(outside.mean()))
+    assert "pixels outside the image" in report.table()
+
+
+def test_outside_share_counts_what_border_replication_invents():
+    from agecgan.align import outside_share
+
+    inside = np.array([[0.5, 0, -10], [0, 0.5, -10]], np.float32)  # photo 20..148 px: inside
+    assert outside_share(inside, (200, 200)) == 0.0
+    left_half_out = np.array([[0.5, 0, 32], [0, 0.5, 0]], np.float32)  # photo x 0 at crop x 32
+    assert outside_share(left_half_out, (400, 400)) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_pack_holds_the_same_faces_and_labels_in_fewer_bytes(prepared, tmp_path):
+    prepared, _ = prepared
+    size = write_pack(prepared, tmp_path / "faces-pack.npz")
+    assert size < 0.5 * (prepared / "faces.npz").stat().st_size  # three faces; 23k: see README
+    cache, pack = (
+        FaceDataset.load(prepared, None),
+        FaceDataset.load(tmp_path / "faces-pack.npz", None),
+    )
+    assert pack.names == cache.names and pack.framing == cache.framing
+    assert torch.equal(pack.buckets, cache.buckets) and torch.equal(pack.ages, cache.ages)
+    error = (pack.images.float() - cache.images.float()).abs().mean().item()
+    assert 0 < error < 2.5  # JPEG at quality 90, 4:4:4: one or two grey levels per pixel

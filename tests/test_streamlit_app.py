@@ -283,3 +283,15 @@ def test_streamlit_run_serves_the_page(tmp_path, model):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_the_page_and_its_server_share_the_apps_upload_limit():
+    """Streamlit's server refuses large uploads by its config file, which cannot import the
+    limit: it must say the same as agecgan.service, which the page and the Gradio app use."""
+    import tomllib
+
+    from agecgan import service
+
+    for config in (ROOT / ".streamlit" / "config.toml", ROOT / "app" / "streamlit_space.toml"):
+        settings = tomllib.loads(config.read_text())
+        assert settings["server"]["maxUploadSize"] == service.MAX_UPLOAD_MB, config

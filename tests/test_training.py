@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from agecgan.ages import one_hot
+from agecgan.align import DEFAULT_FRAMING
 from agecgan.checkpoints import load_network, load_training_state
 from agecgan.networks import to_model_range
 from agecgan.prepare import FaceDataset, save_cache
@@ -47,6 +48,7 @@ def tiny_data(tmp_path_factory) -> Path:
         buckets=rng.integers(0, 6, count).astype(np.int8),
         split=(np.arange(count) % 10 == 0).astype(np.int8),
         names=np.array([f"{i}.jpg" for i in range(count)]),
+        framing=np.array([DEFAULT_FRAMING.scale, DEFAULT_FRAMING.eye_height], np.float32),
     )
     return folder
 
@@ -362,3 +364,31 @@ def test_precision_is_checked_and_auto_says_what_it_chose(tiny_data, tmp_path):
     native, why = native_bf16(torch.device("cpu"))
     assert options["resolved_precision"] == ("bf16" if native else "fp32")
     assert options["precision_reason"] == f"auto: {why}"
+
+
+def test_train_all_runs_both_stages_exports_fp16_and_evaluates(tmp_path):
+    """The README's one GPU command, here on the CPU with tiny networks and data."""
+    count = 120  # 12 test faces, 2 in each age bucket: what FID and KID per bucket need
+    rng = np.random.default_rng(1)
+    save_cache(
+        tmp_path / "faces.npz",
+        images=rng.integers(0, 256, (count, 64, 64, 3), dtype=np.uint8),
+        ages=np.full(count, 30, np.int16),
+        buckets=((np.arange(count) // 10) % 6).astype(np.int8),
+        split=(np.arange(count) % 10 == 0).astype(np.int8),
+        names=np.array([f"{i}.jpg" for i in range(count)]),
+        framing=np.array([DEFAULT_FRAMING.scale, DEFAULT_FRAMING.eye_height], np.float32),
+    )
+    run = tmp_path / "all"
+    command = [sys.executable, "train.py", "all", "--data", str(tmp_path), "--run-dir", str(run)]
+    command += ["--epochs", "1", "--batch-size", "16", "--pairs", "64", "--encoder-epochs", "1"]
+    command += ["--evaluate-limit", "12", "--no-progress", "--sample-every", "100"]
+    command += ["--config", json.dumps(TINY.to_dict())]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stage 1:" in done.stderr and "images/s" in done.stderr
+    model = run / "model"
+    tensors = load_file(model / "generator.safetensors")
+    assert all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point())
+    assert load_network(model, "encoder").config == TINY
+    assert (model / "evaluation" / "evaluation.md").is_file()
