@@ -25,6 +25,7 @@ from agecgan.align import (
 from agecgan.checkpoints import load_network
 from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, optimize_latent
 from agecgan.networks import to_model_range, to_uint8
+from agecgan.runtime import select_device
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
 # No age estimator ships, and D is no age classifier (it scores "a real face of age y" and was
@@ -179,8 +180,7 @@ class AgingPipeline:
                 f"{folder} is not a model folder (a local folder; nothing is downloaded): "
                 f"missing {', '.join(missing)}"
             )
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = select_device(device)  # "auto": the GPU when torch sees one
         encoder = load_network(folder, "encoder", device)
         return cls(encoder, load_network(folder, "generator", device), device=device)
 
