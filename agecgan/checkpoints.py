@@ -4,8 +4,10 @@ Nothing here unpickles code: training states load with torch.load(weights_only=T
 finished networks are plain safetensors, loaded strictly.
 """
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,18 +25,26 @@ NETWORK_FILES = {
 NETWORK_CLASSES = {"encoder": Encoder, "generator": Generator, "discriminator": Discriminator}
 
 
-def _replace_atomically(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write to the yielded temporary path beside `path` (its suffix kept: numpy and PIL go by
+    it); on success it is synced to disk and renamed over `path`. A process killed at any moment
+    leaves the old file or none, never half a file; the project's every save goes through here."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_training_state(path: str | Path, state: dict) -> None:
-    """torch.save to a temporary name, then rename: a killed run never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    _replace_atomically(tmp, path)
+    """torch.save, atomically: a killed run never leaves half a state."""
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_training_state(path: str | Path, device: torch.device | str = "cpu") -> dict:
@@ -56,13 +66,10 @@ def export_model(
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             tensors[key] = value.detach().cpu().contiguous()
-        path = folder / NETWORK_FILES[name]
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata={"format": "pt", "network": name})
-        _replace_atomically(tmp, path)
-    tmp = folder / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    _replace_atomically(tmp, folder / CONFIG_NAME)
+        with atomic_write(folder / NETWORK_FILES[name]) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt", "network": name})
+    with atomic_write(folder / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def load_config(folder: str | Path) -> AgeCGANConfig:

@@ -33,7 +33,6 @@ faces, and how often each verifies a 64 px crop against its full-size photo.
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 import zipfile
@@ -58,7 +57,7 @@ from agecgan.align import (
     similarity_matrix,
     warp_face,
 )
-from agecgan.checkpoints import load_config, load_network
+from agecgan.checkpoints import atomic_write, load_config, load_network
 from agecgan.face_recognition import CHIP_SIZE as DLIB_CHIP_SIZE
 from agecgan.face_recognition import (
     SAME_PERSON_THRESHOLD,
@@ -394,15 +393,14 @@ def real_reference(data: str | Path, estimator, inception) -> RealReference:
         estimated_age=estimator.ages(images),
         features=inception.features(images),
     )
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(
-        tmp,
-        digest=digest,
-        estimated=reference.estimated,
-        estimated_age=reference.estimated_age,
-        features=reference.features,
-    )
-    os.replace(tmp, cache)
+    with atomic_write(cache) as tmp:
+        np.savez(
+            tmp,
+            digest=digest,
+            estimated=reference.estimated,
+            estimated_age=reference.estimated_age,
+            features=reference.features,
+        )
     return reference
 
 

@@ -33,6 +33,7 @@ from agecgan.align import (
     outside_share,
     read_photo,
 )
+from agecgan.checkpoints import atomic_write
 from agecgan.sources import SourceScan
 
 CACHE_NAME = "faces.npz"
@@ -176,24 +177,15 @@ def prepare(
         seconds=seconds,
         workers=workers,
     )
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report.__dict__, indent=2))
+    with atomic_write(out_dir / REPORT_NAME) as tmp:
+        tmp.write_text(json.dumps(report.__dict__, indent=2))
     return report
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_cache(path: Path, **arrays: np.ndarray) -> None:
     """Write the arrays as one .npz, atomically: a killed run leaves the old file or none."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def write_pack(cache: str | Path, pack: str | Path, quality: int = PACK_QUALITY) -> int:

@@ -27,7 +27,12 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from agecgan.checkpoints import export_model, load_training_state, save_training_state
+from agecgan.checkpoints import (
+    atomic_write,
+    export_model,
+    load_training_state,
+    save_training_state,
+)
 from agecgan.networks import AgeCGANConfig, to_uint8
 from agecgan.runtime import (
     autocast,
@@ -133,9 +138,8 @@ def save_grid(rows: list[torch.Tensor], path: Path) -> np.ndarray:
     grid = torch.cat([torch.cat(list(to_uint8(row.cpu())), dim=1) for row in rows], dim=0)
     array = grid.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(array).save(tmp)
     return array
 
 
@@ -229,7 +233,7 @@ class Run:
     def _clear_folder(self) -> None:
         """Remove what a killed save left, and with --overwrite the run that was there."""
         folder = self.folder
-        for stale in [*folder.glob("*.tmp"), *folder.glob("*.link")]:
+        for stale in [*folder.glob("*.tmp*"), *folder.glob("*.link")]:
             stale.unlink()
         if self.options.overwrite and not self.options.resume:
             for name in RUN_CONTENTS:
@@ -300,9 +304,8 @@ class Run:
             "world_size": self.runtime.world_size,
             "torch": torch.__version__,
         }
-        tmp = self.folder / (OPTIONS_NAME + ".tmp")
-        tmp.write_text(json.dumps(resolved, indent=2) + "\n")
-        os.replace(tmp, self.folder / OPTIONS_NAME)
+        with atomic_write(self.folder / OPTIONS_NAME) as tmp:
+            tmp.write_text(json.dumps(resolved, indent=2) + "\n")
 
     # ---- networks ---------------------------------------------------------------------------
 
