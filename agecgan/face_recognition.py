@@ -210,6 +210,15 @@ class FrozenModule(nn.Module):
         # A parent's .train() must not switch FR to training behaviour: it stays as measured.
         return super().train(False)
 
+    def to_chip(self, faces: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) template faces in [-1, 1] -> the network's chips, pixels in [0, 255],
+        sampled on `self.grid` (the chip's place in the crop, computed once)."""
+        self.check_faces(faces)
+        grid = self.grid.expand(len(faces), -1, -1, -1)
+        # The chip reaches past a tight crop: replicate its border, as warp_face does.
+        chips = F.grid_sample(faces, grid, "bilinear", "border", align_corners=False)
+        return (chips + 1) * 127.5
+
 
 class FaceRecognizer(FrozenModule):
     """FR: identity embeddings of aligned faces, with dlib's ResNet (frozen, differentiable).
@@ -247,14 +256,6 @@ class FaceRecognizer(FrozenModule):
         model.network.load_state_dict(state, strict=True)  # float16 files are upcast here
         model.freeze()
         return model
-
-    def to_chip(self, faces: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 64, 64) template faces in [-1, 1] -> (N, 3, 150, 150) dlib chips in [0, 255]."""
-        self.check_faces(faces)
-        grid = self.grid.expand(len(faces), -1, -1, -1)
-        # The chip reaches a little past a tight crop: replicate its border, as warp_face does.
-        chips = F.grid_sample(faces, grid, "bilinear", "border", align_corners=False)
-        return (chips + 1) * 127.5
 
     def embed_chips(self, chips: torch.Tensor) -> torch.Tensor:
         """(N, 3, 150, 150) RGB dlib chips, pixels in [0, 255] -> (N, 128) embeddings."""

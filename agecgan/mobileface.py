@@ -470,13 +470,6 @@ class MobileFaceRecognizer(FrozenModule):
         folder = require_installed(folder)
         return cls(TFGraph.load(folder / "mobileface.json"), face_size, framing)
 
-    def to_chip(self, faces: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) template faces in [-1, 1] -> (N, 3, 112, 112) ArcFace chips in [0, 255]."""
-        self.check_faces(faces)
-        grid = self.grid.expand(len(faces), -1, -1, -1)
-        chips = F.grid_sample(faces, grid, "bilinear", "border", align_corners=False)
-        return (chips + 1) * 127.5
-
     def embed_chips(self, chips: torch.Tensor) -> torch.Tensor:
         """(N, 3, 112, 112) RGB ArcFace chips, pixels in [0, 255] -> (N, 256) embeddings."""
         if chips.ndim != 4 or tuple(chips.shape[1:]) != (3, CHIP_SIZE, CHIP_SIZE):
