@@ -50,16 +50,17 @@ LOCK_NAME = ".lock"
 SNAPSHOT_DIR = "snapshots"  # fp16 weight exports every snapshot_every steps
 MODEL_DIR = "model"  # finished weights: <run>/model/{generator,discriminator,...}.safetensors
 SAMPLE_DIR = "samples"
+LOG_DIR = "tensorboard"
 # What a run writes: --overwrite removes exactly these before starting over.
-RUN_CONTENTS = (STATE_NAME, PREVIOUS_STATE_NAME, OPTIONS_NAME, SNAPSHOT_DIR, MODEL_DIR, SAMPLE_DIR)
-RUN_CONTENTS += ("tensorboard",)
+RUN_CONTENTS = (STATE_NAME, PREVIOUS_STATE_NAME, OPTIONS_NAME, SNAPSHOT_DIR, MODEL_DIR)
+RUN_CONTENTS += (SAMPLE_DIR, LOG_DIR)
 
 
-def option(default, help: str, **kwargs):
+def option(default, help: str):
     """A dataclass field whose help text the command line shows (train.py --help)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -182,7 +183,7 @@ class Run:
         if self.runtime.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+            self.writer = SummaryWriter(str(self.folder / LOG_DIR))
         self.bar = None
         self._step_started = time.perf_counter()
         self.speeds: list[float] = []  # images/s of each step this process trained (benchmarks)
