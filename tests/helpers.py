@@ -4,6 +4,8 @@ Gradio app as a module."""
 import importlib.util
 import socket
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from agecgan import AgeCGANConfig
@@ -35,3 +37,18 @@ def load_app(name: str = "agecgan_app"):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def streamlit_answers(server, port: int, timeout: float = 60) -> dict[str, tuple[int, bytes]]:
+    """Poll a starting `streamlit run` process on loopback (never through a proxy) until its
+    page and health check answer: path -> (status, body)."""
+    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    answers, deadline = {}, time.monotonic() + timeout
+    while len(answers) < 2 and time.monotonic() < deadline and server.poll() is None:
+        for path in ("/", "/_stcore/health"):
+            try:
+                with local.open(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+                    answers[path] = (answer.status, answer.read())
+            except OSError:
+                time.sleep(0.5)
+    return answers

@@ -10,14 +10,13 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import gradio
 import pytest
 import torch
 import yaml
-from helpers import TINY, free_port
+from helpers import TINY, free_port, streamlit_answers
 
 from agecgan import service
 from agecgan.checkpoints import export_model
@@ -220,16 +219,8 @@ def test_the_streamlit_docker_space_runs_its_command(tmp_path):
         server = subprocess.Popen(
             [*streamlit, *command[1:]], cwd=out, env=env, stdout=output, stderr=output
         )
-    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        answers, deadline = {}, time.monotonic() + 60
-        while len(answers) < 2 and time.monotonic() < deadline and server.poll() is None:
-            for path in ("/", "/_stcore/health"):
-                try:
-                    with local.open(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
-                        answers[path] = (answer.status, answer.read())
-                except OSError:
-                    time.sleep(0.5)
+        answers = streamlit_answers(server, port)
         assert set(answers) == {"/", "/_stcore/health"}, log.read_text()
         assert answers["/_stcore/health"] == (200, b"ok")
     finally:

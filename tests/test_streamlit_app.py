@@ -7,14 +7,12 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
-import urllib.request
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, free_port
+from helpers import TINY, free_port, streamlit_answers
 from PIL import Image
 
 pytest.importorskip("streamlit")
@@ -263,16 +261,8 @@ def test_streamlit_run_serves_the_page(tmp_path, model):
     env = {**os.environ, "HOME": str(tmp_path)}  # no ~/.streamlit of the user's
     with log.open("wb") as output:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=output)
-    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy, ever
     try:
-        answers, deadline = {}, time.monotonic() + 60
-        while len(answers) < 2 and time.monotonic() < deadline and server.poll() is None:
-            for path in ("/", "/_stcore/health"):
-                try:
-                    with local.open(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-                        answers[path] = (r.status, r.read())
-                except OSError:
-                    time.sleep(0.5)
+        answers = streamlit_answers(server, port)
         assert set(answers) == {"/", "/_stcore/health"}, log.read_text()
         assert answers["/"][0] == 200 and b"<html" in answers["/"][1].lower()
         assert answers["/_stcore/health"] == (200, b"ok")
