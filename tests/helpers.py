@@ -1,6 +1,7 @@
 """Shared by the tests: a tiny architecture that trains in milliseconds, a free port, the
 Gradio app as a module."""
 
+import contextlib
 import importlib.util
 import socket
 import sys
@@ -52,3 +53,16 @@ def streamlit_answers(server, port: int, timeout: float = 60) -> dict[str, tuple
             except OSError:
                 time.sleep(0.5)
     return answers
+
+
+@contextlib.contextmanager
+def serving(webapp, demo):
+    """The Gradio app's own launch() on a free loopback port: yields its URL, closes after."""
+    port = free_port()
+    webapp.launch(
+        demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

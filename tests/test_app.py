@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from gradio.utils import get_upload_folder
-from helpers import TINY, free_port, load_app
+from helpers import TINY, free_port, load_app, serving
 from PIL import Image
 
 import agecgan.pipeline
@@ -470,14 +470,8 @@ def server(tmp_path_factory, uploads, pipeline):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(webapp, "CACHE_SWEEP_S", 1)
         demo = webapp.build_demo(pipeline)
-        port = free_port()
-        webapp.launch(
-            demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
-        )
-        try:
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            demo.close()
+        with serving(webapp, demo) as url:
+            yield url
 
 
 def client_of(url: str, tmp_path: Path):

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, free_port, load_app
+from helpers import TINY, free_port, load_app, serving
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
@@ -56,14 +56,8 @@ def app_url(tmp_path_factory, aligner, uploads):  # aligner: the shared MTCNN, o
         generator.synthesis[-2].weight *= 5  # and its faces not all one gray
     export_model(folder, TINY, encoder=Encoder(TINY), generator=generator)
     demo = webapp.build_demo(AgingPipeline.from_pretrained(folder, device="cpu"))
-    port = free_port()
-    webapp.launch(
-        demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serving(webapp, demo) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
