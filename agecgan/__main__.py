@@ -1,4 +1,5 @@
-"""Command line: `python -m agecgan prepare`, `age PHOTO... --out DIR` and `export DIR OUT`."""
+"""Command line: `python -m agecgan prepare`, `age PHOTO... --out DIR`, `export DIR OUT` and
+`evaluate report|compare|identity|calibrate`."""
 
 import argparse
 import sys
@@ -6,6 +7,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from agecgan import evaluate
+from agecgan.adapt import DEFAULT_ADAPT_STEPS
+from agecgan.pipeline import DEFAULT_RENDER, DEFAULT_STRENGTH, MAX_STRENGTH, RENDERS
 from agecgan.sources import format_rejections, scan_source, wiki_rule_table
 
 
@@ -85,7 +89,13 @@ def _age(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(error, file=sys.stderr)
         return 1
-    options = dict(input_age=args.input_age, optimize_identity=not args.no_identity)
+    options = dict(
+        input_age=args.input_age,
+        optimize_identity=not args.no_identity,
+        render=args.render,
+        strength=args.strength,
+        adapt_steps=args.adapt_steps,
+    )
     if args.identity_steps is not None:
         options["identity_steps"] = args.identity_steps
     failed = 0
@@ -123,6 +133,16 @@ def _whole_number(least: int):
 
 
 _positive, _count = _whole_number(1), _whole_number(0)
+
+
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= MAX_STRENGTH:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_STRENGTH:g}, not {text}")
+    return value
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -193,7 +213,25 @@ def main(argv: list[str] | None = None) -> int:
     age.add_argument(
         "--input-age",
         type=int,
-        help="age of the person in the photos, in years (default: assume 19-29)",
+        help="age of the person in the photos, in years (default: estimated per photo)",
+    )
+    age.add_argument(
+        "--render",
+        choices=RENDERS,
+        default=DEFAULT_RENDER,
+        help="generated: G draws the face; detail: the photo's face plus G's age change",
+    )
+    age.add_argument(
+        "--strength",
+        type=_strength,
+        default=DEFAULT_STRENGTH,
+        help=f"scale of the age change, 0 to {MAX_STRENGTH:g} (1: G's own)",
+    )
+    age.add_argument(
+        "--adapt-steps",
+        type=_count,
+        default=DEFAULT_ADAPT_STEPS,
+        help="steps of tuning a copy of G to each photo first (0: off)",
     )
     identity = age.add_mutually_exclusive_group()
     identity.add_argument(
@@ -221,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("out", help="folder to write (existing network files are replaced)")
     export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     export.set_defaults(run=_export)
+
+    measure = commands.add_parser(
+        "evaluate",
+        help="measure a model: report, compare, identity, calibrate",
+        description=evaluate.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_commands(measure)
 
     args = parser.parse_args(argv)
     return args.run(args)

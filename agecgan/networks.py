@@ -5,6 +5,7 @@ E 18,278,180, G 34,852,099 and D 1,567,873 trainable parameters with the default
 Faces are (N, 3, 64, 64) in [-1, 1]; z is (N, 100); the age condition y is (N, 6).
 """
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,7 +75,7 @@ class UpsampleConv2d(nn.Module):
         self.weight = nn.Parameter(reference.weight.detach().clone())  # (out, in, 5, 5)
         self.bias = nn.Parameter(reference.bias.detach().clone())
 
-        self._cached: tuple | None = None  # (key, kernel, bias) for inference
+        self._cached: tuple | None = None  # (key, weight ref, bias ref, kernel, bias)
 
     def phase_kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (4 * out, in, 3, 3) kernel and (4 * out,) bias that the forward pass applies."""
@@ -90,19 +91,23 @@ class UpsampleConv2d(nn.Module):
         else:
             # Inference: rebuild the kernels only when the weights change (an optimizer step or
             # a load bumps their version), since at batch 1 rebuilding would dominate the time.
-            key = (
-                self.weight._version,
-                self.bias._version,
-                self.weight.data_ptr(),
-                self.weight.dtype,
-                self.weight.device,
-            )
-            if self._cached is None or self._cached[0] != key:
+            # The weights are compared by identity (a weak reference), not by address: a
+            # per-photo adaptation's weights (agecgan.adapt) may be freed and another's
+            # allocated at the same address, with the same version.
+            key = (self.weight._version, self.bias._version, self.weight.dtype, self.weight.device)
+            cached = self._cached
+            if (
+                cached is None
+                or cached[0] != key
+                or cached[1]() is not self.weight
+                or cached[2]() is not self.bias
+            ):
                 # Built in the weights' own dtype, outside any autocast, so that a kernel cached
                 # under bf16 autocast never meets fp32 inputs later (conv2d casts per call).
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                    self._cached = (key, *self.phase_kernels())
-            kernel, bias = self._cached[1:]
+                    refs = (weakref.ref(self.weight), weakref.ref(self.bias))
+                    self._cached = (key, *refs, *self.phase_kernels())
+            kernel, bias = self._cached[3:]
         return nn.functional.pixel_shuffle(nn.functional.conv2d(x, kernel, bias, padding=1), 2)
 
     def extra_repr(self) -> str:
@@ -178,6 +183,10 @@ class Generator(nn.Module):
         self.synthesis = nn.Sequential(*blocks)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.synthesis(self.features(z, y))  # (N, 3, 64, 64)
+
+    def features(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The dense projection of (z, y): the (N, 256, 8, 8) input of the synthesis convs."""
         config = self.config
         if z.shape[1:] != (config.z_dim,) or y.shape != (z.shape[0], config.num_ages):
             raise ValueError(
@@ -185,8 +194,7 @@ class Generator(nn.Module):
                 f"{config.num_ages}), got {tuple(z.shape)} and {tuple(y.shape)}"
             )
         h = self.project(torch.cat([z, y.to(z.dtype)], dim=1))
-        h = h.view(-1, config.generator_widths[0], self.base_side, self.base_side)  # (N, 256, 8, 8)
-        return self.synthesis(h)  # (N, 3, 64, 64)
+        return h.view(-1, self.config.generator_widths[0], self.base_side, self.base_side)
 
 
 class Discriminator(nn.Module):

@@ -13,9 +13,20 @@ from pathlib import Path
 
 from PIL import Image
 
+from agecgan.adapt import DEFAULT_ADAPT_STEPS
 from agecgan.ages import NUM_BUCKETS
 from agecgan.align import FaceNotFoundError, Note, read_photo
-from agecgan.pipeline import AgingPipeline, AgingResult, age_weights, save_gif, shrink_to
+from agecgan.pipeline import (
+    DEFAULT_RENDER,
+    DEFAULT_STRENGTH,
+    MAX_STRENGTH,
+    RENDERS,
+    AgingPipeline,
+    AgingResult,
+    age_weights,
+    save_gif,
+    shrink_to,
+)
 
 EXAMPLES_FOLDER = Path(__file__).resolve().parents[1] / "app" / "examples"
 EXAMPLES = {  # name -> (file in EXAMPLES_FOLDER, age in years or None); public domain
@@ -29,6 +40,7 @@ OUTPUT_SIZE = 256  # side of the faces shown: G makes 64 px, Lanczos enlarges th
 MAX_PHOTO_SIDE = 2048
 MAX_UPLOAD_MB = 25  # larger files are refused before they are read
 MAX_IDENTITY_STEPS = 100  # about 7 s of Adam on the recipe's G on one CPU core
+MAX_ADAPT_STEPS = 100  # tuning G to the photo: about 0.1 s a step on one CPU core
 MIN_AGE, MAX_AGE = 1, 120  # years
 GIF_FRAMES = 24  # youngest to oldest; played forth and back
 GIF_FRAME_MS = 80
@@ -77,7 +89,7 @@ def _number(value) -> float | None:
 
 def check_age(value) -> int | None:
     """The person's age in whole years, or None where it was not given (empty, or 0: the Gradio
-    number box shows and sends 0 until someone types in it); the pipeline then assumes 19-29."""
+    number box shows and sends 0 until someone types in it); the pipeline then estimates it."""
     if value is None or value == "" or value == 0:
         return None
     number = _number(value)
@@ -89,15 +101,42 @@ def check_age(value) -> int | None:
     return age
 
 
+def _whole(value, most: int, what: str) -> int:
+    number = 0.0 if value is None or value == "" else _number(value)
+    if number is None or number != round(number) or not 0 <= number <= most:
+        raise RequestError(f"{what} must be between 0 and {most} (a whole number), not {value!r}.")
+    return int(number)
+
+
 def check_steps(value) -> int:
     """Identity-optimization steps, a whole number from 0 to MAX_IDENTITY_STEPS (empty: 0)."""
-    number = 0.0 if value is None or value == "" else _number(value)
-    if number is None or number != round(number) or not 0 <= number <= MAX_IDENTITY_STEPS:
+    return _whole(value, MAX_IDENTITY_STEPS, "Identity steps")
+
+
+def check_adapt_steps(value) -> int:
+    """Steps of tuning G to the photo, a whole number from 0 to MAX_ADAPT_STEPS (empty: 0)."""
+    return _whole(value, MAX_ADAPT_STEPS, "Adaptation steps")
+
+
+def check_render(value) -> str:
+    """How the faces are drawn: one of pipeline.RENDERS (empty: the default)."""
+    if value is None or value == "":
+        return DEFAULT_RENDER
+    if value not in RENDERS:
+        raise RequestError(f"The drawing must be one of {', '.join(RENDERS)}, not {value!r}.")
+    return value
+
+
+def check_strength(value) -> float:
+    """How strongly the age change is drawn: 0 (none) to MAX_STRENGTH (empty: the default)."""
+    if value is None or value == "":
+        return DEFAULT_STRENGTH
+    number = _number(value)
+    if number is None or not 0 <= number <= MAX_STRENGTH:
         raise RequestError(
-            f"Identity steps must be between 0 and {MAX_IDENTITY_STEPS} (a whole number), "
-            f"not {value!r}."
+            f"The strength must be a number from 0 to {MAX_STRENGTH:g}, not {value!r}."
         )
-    return int(number)
+    return number
 
 
 def check_weights(weights: Sequence) -> list[float]:
@@ -158,17 +197,24 @@ def age_photo(
     steps: int,
     progress: Callable[[int, int, float], None] | None = None,
     faces_from: Callable | None = None,
+    *,
+    render: str = DEFAULT_RENDER,
+    strength: float = DEFAULT_STRENGTH,
+    adapt_steps: int = DEFAULT_ADAPT_STEPS,
 ) -> Aged:
-    """Age the largest face of a photo read by read_upload (input_age, steps: as check_age and
-    check_steps return them). progress(step, steps, loss) follows identity optimization;
-    faces_from runs the GPU-heavy part elsewhere (AgingPipeline.__call__). Raises
-    RequestError when there is no face."""
+    """Age the largest face of a photo read by read_upload (input_age, steps, render, strength,
+    adapt_steps: as the check_ functions return them). progress(step, steps, loss) follows
+    identity optimization, then adaptation; faces_from runs the GPU-heavy part elsewhere
+    (AgingPipeline.__call__). Raises RequestError when there is no face."""
     try:
         result = pipeline(
             photo,
             input_age=input_age,
             optimize_identity=identity and steps > 0,
             identity_steps=steps,
+            render=render,
+            strength=strength,
+            adapt_steps=adapt_steps,
             progress=progress,
             output_size=OUTPUT_SIZE,
             faces_from=faces_from,

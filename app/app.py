@@ -45,12 +45,23 @@ if str(ROOT) not in sys.path:  # `python app/app.py` where agecgan is not instal
 import torch  # noqa: E402
 
 from agecgan import service  # noqa: E402
+from agecgan.adapt import DEFAULT_ADAPT_STEPS  # noqa: E402
 from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS  # noqa: E402
 from agecgan.align import Note  # noqa: E402
-from agecgan.pipeline import IDENTITY_STEPS, AgingPipeline, AgingResult, age_weights  # noqa: E402
+from agecgan.pipeline import (  # noqa: E402
+    DEFAULT_RENDER,
+    DEFAULT_STRENGTH,
+    IDENTITY_STEPS,
+    MAX_STRENGTH,
+    RENDERS,
+    AgingPipeline,
+    AgingResult,
+    age_weights,
+)
 from agecgan.service import (  # noqa: E402, F401 (NO_MODEL, MAX_IDENTITY_STEPS: the tests')
     EXAMPLES,
     EXAMPLES_FOLDER,
+    MAX_ADAPT_STEPS,
     MAX_IDENTITY_STEPS,
     NO_MODEL,
     NO_PHOTO,
@@ -83,6 +94,7 @@ NO_URL = (
 # a GPU slice should take well under a tenth of that once warm (an estimate: no GPU here). The
 # duration is that CPU time plus 5 s for a cold worker: never too short, still short.
 GPU_BASE_S, GPU_STEP_S = 5.0, 0.065
+GPU_ADAPT_STEP_S = 0.1  # a step of tuning G to the photo, on the same CPU core
 ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 
 
@@ -101,6 +113,9 @@ def age_photo(
     input_age: float | None,
     identity: bool,
     steps: float,
+    render: str = DEFAULT_RENDER,
+    strength: float = DEFAULT_STRENGTH,
+    adapt_steps: float = DEFAULT_ADAPT_STEPS,
     session: Session | None = None,
     progress=gr.Progress(),  # noqa: B008 (Gradio's way to ask for a progress bar)
 ):
@@ -117,6 +132,8 @@ def age_photo(
         if path is None:
             raise RequestError(NO_PHOTO)
         age, steps = service.check_age(input_age), service.check_steps(steps)
+        render, strength = service.check_render(render), service.check_strength(strength)
+        adapt_steps = service.check_adapt_steps(adapt_steps)
         progress(0, desc="reading the photo")
         if Path(path).is_file():
             image, read_notes = service.read_upload(path, name)
@@ -140,9 +157,12 @@ def age_photo(
             identity,
             steps,
             progress=lambda step, total, loss: progress(
-                (step, total), desc=f"preserving identity (loss {loss:.3f})"
+                (step, total), desc=f"fitting the face (loss {loss:.3f})"
             ),
             faces_from=_faces_from(pipeline),
+            render=render,
+            strength=strength,
+            adapt_steps=adapt_steps,
         )
     except RequestError as error:
         raise gr.Error(str(error)) from error
@@ -367,14 +387,17 @@ _ON_GPU: dict[int, AgingPipeline] = {}  # key -> the pipeline faces_on_gpu runs
 _next_key = itertools.count()
 
 
-def gpu_seconds(key, face, bucket, grayscale, steps, progress=None) -> int:
+def gpu_seconds(key, face, bucket, grayscale, steps, adapt_steps=0, progress=None) -> int:
     """The duration ZeroGPU grants one call of faces_on_gpu (GPU_BASE_S, GPU_STEP_S)."""
-    return math.ceil(GPU_BASE_S + GPU_STEP_S * steps)
+    return math.ceil(GPU_BASE_S + GPU_STEP_S * steps + GPU_ADAPT_STEP_S * adapt_steps)
 
 
-def faces_on_gpu(key: int, face, bucket: int, grayscale: bool, steps: int, progress=None):
-    """AgingPipeline.faces_from of the pipeline registered under key: z and seven faces."""
-    return _ON_GPU[key].faces_from(face, bucket, grayscale, steps, progress)
+def faces_on_gpu(
+    key: int, face, bucket: int, grayscale: bool, steps: int, adapt_steps=0, progress=None
+):
+    """AgingPipeline.faces_from of the pipeline registered under key: z, the adaptation and
+    seven faces."""
+    return _ON_GPU[key].faces_from(face, bucket, grayscale, steps, adapt_steps, progress)
 
 
 if spaces is not None:
@@ -398,8 +421,9 @@ def _faces_from(pipeline: AgingPipeline):
     if key is None:
         key = register_for_gpu(pipeline)
 
-    def run(face, bucket, grayscale, steps, progress):
-        return faces_on_gpu(key, face, bucket, grayscale, steps, None if ZERO_GPU else progress)
+    def run(face, bucket, grayscale, steps, adapt_steps, progress):
+        progress = None if ZERO_GPU else progress
+        return faces_on_gpu(key, face, bucket, grayscale, steps, adapt_steps, progress)
 
     return run
 
@@ -474,7 +498,8 @@ def build_demo(pipeline: AgingPipeline | None, message: str | None = None) -> gr
                 )
                 input_age = gr.Number(
                     label="Age of the person in the photo (years)",
-                    info="Sets the age of the reconstruction. 0 or empty: 19-29 is assumed.",
+                    info="Sets the age of the reconstruction. 0 or empty: estimated from the "
+                    "photo.",
                     precision=0,
                     minimum=0,  # 0: not given (the box starts at 0)
                     maximum=service.MAX_AGE,
@@ -487,6 +512,29 @@ def build_demo(pipeline: AgingPipeline | None, message: str | None = None) -> gr
                 )
                 steps = gr.Slider(
                     0, MAX_IDENTITY_STEPS, value=IDENTITY_STEPS, step=1, label="Identity steps"
+                )
+                render_mode = gr.Radio(
+                    list(RENDERS),
+                    value=DEFAULT_RENDER,
+                    label="Drawing",
+                    info="generated: the generator draws the whole face. detail: your own face, "
+                    "with only the generator's age change added (sharper, more like you).",
+                )
+                strength = gr.Slider(
+                    0,
+                    MAX_STRENGTH,
+                    value=DEFAULT_STRENGTH,
+                    step=0.1,
+                    label="Strength of the age change",
+                    info="1: as the generator draws it; 0: none; 2: twice as much.",
+                )
+                adapt_steps = gr.Slider(
+                    0,
+                    MAX_ADAPT_STEPS,
+                    value=DEFAULT_ADAPT_STEPS,
+                    step=1,
+                    label="Adaptation steps",
+                    info="Tune a copy of the generator to this face first (slower; 0: off).",
                 )
                 run = gr.Button("Age", variant="primary")
                 gr.Examples(
@@ -529,7 +577,7 @@ def build_demo(pipeline: AgingPipeline | None, message: str | None = None) -> gr
         # binding the pipeline with partial ships nothing anywhere.
         run.click(
             partial(age_photo, pipeline),
-            inputs=[photo, input_age, identity, steps, session],
+            inputs=[photo, input_age, identity, steps, render_mode, strength, adapt_steps, session],
             outputs=[faces, pasted, progression, notes, session],
             api_name="age",
             preprocess=False,  # the handler reads the file itself, strictly, then deletes it

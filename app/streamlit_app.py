@@ -29,11 +29,16 @@ if str(ROOT) not in sys.path:  # `streamlit run app/streamlit_app.py` where agec
     sys.path.insert(0, str(ROOT))
 
 from agecgan import service  # noqa: E402
+from agecgan.adapt import DEFAULT_ADAPT_STEPS  # noqa: E402
 from agecgan.ages import BUCKET_LABELS, NUM_BUCKETS  # noqa: E402
 from agecgan.align import Note  # noqa: E402
 from agecgan.pipeline import (  # noqa: E402
     DEFAULT_MODEL,
+    DEFAULT_RENDER,
+    DEFAULT_STRENGTH,
     IDENTITY_STEPS,
+    MAX_STRENGTH,
+    RENDERS,
     AgingPipeline,
     AgingResult,
     age_weights,
@@ -111,11 +116,21 @@ def age_photo(
     input_age: int | None,
     identity: bool,
     steps: int,
+    render: str = DEFAULT_RENDER,
+    strength: float = DEFAULT_STRENGTH,
+    adapt_steps: int = DEFAULT_ADAPT_STEPS,
 ) -> Aged:
     """The session's Aged for this photo and these options: made once (progress bar), then
     reused on every rerun, so that moving a slider never encodes or optimizes again."""
     identity = identity and steps > 0
-    key = (hashlib.sha256(data).hexdigest(), input_age, identity, steps if identity else 0)
+    drawing = dict(render=render, strength=strength, adapt_steps=adapt_steps)
+    key = (
+        hashlib.sha256(data).hexdigest(),
+        input_age,
+        identity,
+        steps if identity else 0,
+        *drawing.values(),
+    )
     cached = st.session_state.get("aged")
     if cached is not None and cached.key == key:
         return cached
@@ -126,17 +141,17 @@ def age_photo(
 
     def progress(step: int, total: int, loss: float) -> None:
         losses.append(loss)
-        bar.progress(step / total, text=f"preserving identity (loss {loss:.3f})")
+        bar.progress(step / total, text=f"fitting the face (loss {loss:.3f})")
 
     try:
         image, read_notes = service.read_upload(data, name)
-        aged = _age(pipeline, image, read_notes, input_age, identity, steps, progress, bar)
+        aged = _age(pipeline, image, read_notes, input_age, identity, steps, progress, bar, drawing)
     except BaseException:  # a user error, or Streamlit stopping this run for a newer one
         bar.empty()
         raise
     done = f"Aged in {time.perf_counter() - start:.1f} s"
     if losses:
-        done += f" (identity loss {losses[-1]:.3f} after {len(losses)} steps)"
+        done += f" (loss {losses[-1]:.3f} after {len(losses)} steps)"
     bar.progress(1.0, text=done)
     result = aged.result
     size = result.reconstruction.size
@@ -163,14 +178,18 @@ def _age(
     steps: int,
     progress: Callable[[int, int, float], None],
     bar: DeltaGenerator,
+    drawing: dict,
 ) -> service.Aged:
-    """service.age_photo (the faces, the notes, the GIF) in one of the server's aging slots."""
+    """service.age_photo (the faces, the notes, the GIF) in one of the server's aging slots;
+    drawing: its render, strength and adapt_steps."""
     slots = aging_slots()
     while not slots.acquire(timeout=0.5):  # each st call lets Streamlit end a run gone stale
         bar.progress(0.0, text="waiting: other photos are being aged")
     try:
         bar.progress(0.0, text="finding the face")
-        return service.age_photo(pipeline, image, read_notes, input_age, identity, steps, progress)
+        return service.age_photo(
+            pipeline, image, read_notes, input_age, identity, steps, progress, **drawing
+        )
     finally:
         slots.release()
 
@@ -291,9 +310,9 @@ def main() -> None:
             max_value=service.MAX_AGE,
             value=None,
             step=1,
-            placeholder="unknown: 19-29 is assumed",
+            placeholder="unknown: estimated from the photo",
             key="input_age",
-            help="Sets the age of the reconstruction. Empty: 19-29 is assumed.",
+            help="Sets the age of the reconstruction. Empty: estimated from the photo.",
         )
         identity = st.toggle(
             "Preserve identity",
@@ -307,11 +326,39 @@ def main() -> None:
             IDENTITY_STEPS,
             disabled=not identity,
         )
+        render = st.radio(
+            "Drawing",
+            RENDERS,
+            index=RENDERS.index(DEFAULT_RENDER),
+            horizontal=True,
+            key="render",
+            help="generated: the generator draws the whole face. detail: your own face, with "
+            "only the generator's age change added (sharper, more like you).",
+        )
+        strength = st.slider(
+            "Strength of the age change",
+            0.0,
+            MAX_STRENGTH,
+            DEFAULT_STRENGTH,
+            step=0.1,
+            key="strength",
+            help="1: as the generator draws it; 0: none; 2: twice as much.",
+        )
+        adapt_steps = st.slider(
+            "Adaptation steps",
+            0,
+            service.MAX_ADAPT_STEPS,
+            DEFAULT_ADAPT_STEPS,
+            key="adapt_steps",
+            help="Tune a copy of the generator to this face first (slower; 0: off).",
+        )
     if photo is None:
         st.info(service.NO_PHOTO)
         return
     try:
-        aged = age_photo(pipeline, *photo, input_age, identity, steps)
+        aged = age_photo(
+            pipeline, *photo, input_age, identity, steps, render, strength, adapt_steps
+        )
     except RequestError as error:
         st.error(str(error))
         return

@@ -3,6 +3,7 @@ Gradio app as a module."""
 
 import contextlib
 import importlib.util
+import re
 import socket
 import sys
 import time
@@ -19,6 +20,18 @@ TINY = AgeCGANConfig(
     generator_widths=(8, 8, 4),
     discriminator_widths=(4, 8, 8, 8),
 )
+
+
+ESTIMATED = re.compile(
+    r"input age not given: estimated from the photo as about (\d+) \((\d+-\d+|60\+)\); "
+    r"type the age to override"
+)
+
+
+def estimated_bucket(notes) -> str:
+    """The bucket label of the one note saying the input age was estimated (asserted)."""
+    [label] = [m.group(2) for note in notes if (m := ESTIMATED.fullmatch(str(note)))]
+    return label
 
 
 def free_port() -> int:

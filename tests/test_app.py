@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from gradio.utils import get_upload_folder
-from helpers import TINY, free_port, load_app, serving
+from helpers import TINY, estimated_bucket, free_port, load_app, serving
 from PIL import Image
 
 import agecgan.pipeline
@@ -128,10 +128,11 @@ def test_bundled_examples_age(pipeline, name):
 
 
 @pytest.mark.parametrize("untouched", [None, 0])  # the page's number box starts at 0
-def test_an_age_left_empty_assumes_the_default_bucket(pipeline, grace_hopper, untouched):
+def test_an_age_left_empty_is_estimated(pipeline, grace_hopper, untouched):
     outputs = age(pipeline, grace_hopper, input_age=untouched)
-    assert outputs[0][0][1] == "reconstruction (19-29)"
-    assert "input age not given: assumed 19-29" in outputs[3]
+    label = estimated_bucket(line.removeprefix("- ") for line in outputs[3].splitlines())
+    assert label == "60+"  # Grace Hopper, 77 in this photo, reads as about 80
+    assert outputs[0][0][1] == f"reconstruction ({label})"
 
 
 def test_identity_optimization_reports_progress(pipeline, grace_hopper):
@@ -141,7 +142,7 @@ def test_identity_optimization_reports_progress(pipeline, grace_hopper):
     )
     check_outputs(outputs, (512, 600))
     assert [a[0] for a, _ in calls if isinstance(a[0], tuple)] == [(1, 2), (2, 2)]
-    assert any("preserving identity" in k.get("desc", "") for _, k in calls)
+    assert any("fitting the face" in k.get("desc", "") for _, k in calls)
 
 
 AWKWARD = {  # kind: a note the app must show (or None), and the size it works at
@@ -236,6 +237,35 @@ def test_bad_settings_raise_clear_messages(pipeline, photo, input_age, steps, me
     assert message in error.value.message
 
 
+@pytest.mark.parametrize(
+    ("drawing", "message"),
+    [
+        (("painted", 1, 0), "The drawing must be one of generated, detail, not 'painted'"),
+        (("detail", -1, 0), "The strength must be a number from 0 to 3, not -1"),
+        (("detail", "lots", 0), "The strength must be a number from 0 to 3, not 'lots'"),
+        (("generated", 1, 500), "Adaptation steps must be between 0 and 100"),
+        (("generated", 1, 2.5), "Adaptation steps must be between 0 and 100"),
+    ],
+)
+def test_bad_drawing_options_raise_clear_messages(pipeline, grace_hopper, drawing, message):
+    with pytest.raises(gr.Error) as error:
+        webapp.age_photo(pipeline, str(grace_hopper), 40, False, 0, *drawing)
+    assert message in error.value.message
+
+
+def test_detail_drawing_and_adaptation_reach_the_sliders(pipeline, grace_hopper):
+    """The options given to Age are kept in the session: the sliders draw the same way."""
+    faces, pasted, _, _, session = webapp.age_photo(
+        pipeline, str(grace_hopper), 77, False, 0, "detail", 2.0, 3
+    )
+    result = session.result
+    assert (result.render, result.strength, result.adaptation.steps) == ("detail", 2.0, 3)
+    face, photo = webapp.blend(pipeline, session, 0, 0, 0, 0, 0, 1)
+    assert np.array_equal(pixels(face), pixels(faces[6][0]))
+    plain, *_ = webapp.age_photo(pipeline, str(grace_hopper), 77, False, 0)
+    assert not np.array_equal(pixels(plain[6][0]), pixels(faces[6][0]))
+
+
 def test_uploads_are_deleted_and_reruns_use_the_session(uploads, pipeline, astronaut):
     folder = uploads / "0123abcd"  # how Gradio stores an upload: a folder per file
     folder.mkdir()
@@ -246,7 +276,7 @@ def test_uploads_are_deleted_and_reruns_use_the_session(uploads, pipeline, astro
     assert not path.exists() and not folder.exists()
     assert Path(gif).is_relative_to(uploads)  # results are served from, and swept with, the cache
     # The same photo again with another age: read from the session, not from the deleted file.
-    again = webapp.age_photo(pipeline, upload, 65, False, 0, session)
+    again = webapp.age_photo(pipeline, upload, 65, False, 0, session=session)
     assert again[0][0][1] == "reconstruction (60+)"
     _, photo = webapp.blend(pipeline, again[4], *np.eye(6)[5])
     np.testing.assert_array_equal(pixels(again[1][5][0]), pixels(photo))
@@ -410,10 +440,11 @@ def test_notes_carry_a_kind(pipeline, astronaut, grace_hopper, tmp_path):
     kinds = {str(note): note.kind for note in aged.notes}
     [warning] = [text for text, kind in kinds.items() if kind == "warning"]
     assert warning.startswith("2 faces found; the largest (box ")
-    assert kinds["input age not given: assumed 19-29"] == "info"
+    [estimated] = [text for text in kinds if text.startswith("input age not given")]
+    assert kinds[estimated] == "info"
     # The Gradio app shows the warning in bold, the others as they are.
     notes = age(pipeline, path)[3]
-    assert f"- **{warning}**" in notes and "- input age not given: assumed 19-29" in notes
+    assert f"- **{warning}**" in notes and f"- {estimated}" in notes
 
 
 def test_empty_folders_in_the_cache_are_swept(tmp_path):
@@ -528,18 +559,25 @@ def test_odd_numbers_through_the_api_get_the_apps_messages(uploads, server, astr
 
     photo = tmp_path / "odd.png"
     Image.fromarray(astronaut).save(photo)
-    for age, steps, message in [
-        ("Infinity", "0", "The age must be a number of years, not inf"),
-        ('"inf"', "0", "The age must be a number of years, not 'inf'"),
-        ("30", "NaN", "Identity steps must be between 0 and 100 (a whole number), not nan"),
-        ("30", '"abc"', "Identity steps must be between 0 and 100 (a whole number), not 'abc'"),
+    for age, steps, strength, message in [
+        ("Infinity", "0", "1", "The age must be a number of years, not inf"),
+        ('"inf"', "0", "1", "The age must be a number of years, not 'inf'"),
+        ("30", "NaN", "1", "Identity steps must be between 0 and 100 (a whole number), not nan"),
+        (
+            "30",
+            '"abc"',
+            "1",
+            "Identity steps must be between 0 and 100 (a whole number), not 'abc'",
+        ),
+        ("30", "0", "NaN", "The strength must be a number from 0 to 3, not nan"),
     ]:
         with photo.open("rb") as file:
             [path] = httpx.post(f"{server}gradio_api/upload", files={"files": file}).json()
         data = (
             f'{{"path": "{path}", "orig_name": "odd.png", "meta": {{"_type": "gradio.FileData"}}}}'
         )
-        events = raw_call(server, "age", f'{{"data": [{data}, {age}, false, {steps}]}}')
+        values = f'{data}, {age}, false, {steps}, "detail", {strength}, 0'
+        events = raw_call(server, "age", f'{{"data": [{values}]}}')
         assert "event: error" in events and message in events, events
         assert not left_in(uploads, photo)  # refused, and deleted with the refusal
     # The sliders' endpoints, in one session (session_hash) that has aged a photo first.
@@ -547,7 +585,9 @@ def test_odd_numbers_through_the_api_get_the_apps_messages(uploads, server, astr
         [path] = httpx.post(f"{server}gradio_api/upload", files={"files": file}).json()
     data = f'{{"path": "{path}", "orig_name": "odd.png", "meta": {{"_type": "gradio.FileData"}}}}'
     session = '"session_hash": "odd-numbers"'
-    events = raw_call(server, "age", f'{{"data": [{data}, 30, false, 0], {session}}}')
+    events = raw_call(
+        server, "age", f'{{"data": [{data}, 30, false, 0, "generated", 1, 0], {session}}}'
+    )
     assert "event: complete" in events, events
     for endpoint, values, message in [
         ("sweep", "NaN", "The age position must be a number from 0 to 5, not nan"),

@@ -107,3 +107,20 @@ def test_inference_cache_is_independent_of_autocast():
     assert mixed.dtype == torch.bfloat16 and plain.dtype == torch.float32
     assert torch.allclose(plain, reference, atol=1e-6)
     assert torch.allclose(mixed.float(), reference, atol=0.05)
+
+
+def test_inference_kernels_follow_the_weights_they_were_built_from():
+    """The no-grad kernel cache must never serve kernels of other weights: a per-photo
+    adaptation runs the layer with its own tensors (functional_call), then the shipped ones."""
+    torch.manual_seed(0)
+    layer = UpsampleConv2d(4, 3)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        shipped = layer(x)
+        for _ in range(3):  # fresh tensors each time, possibly at a freed tensor's address
+            other = {"weight": torch.randn_like(layer.weight), "bias": torch.randn(3)}
+            swapped = torch.func.functional_call(layer, other, (x,))
+            with torch.enable_grad():  # no cache on this path: the reference
+                expected = torch.func.functional_call(layer, other, (x,))
+            torch.testing.assert_close(swapped, expected.detach())
+        torch.testing.assert_close(layer(x), shipped)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, estimated_bucket
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -22,9 +22,11 @@ from agecgan import (
     Generator,
     ImageReadError,
 )
+from agecgan.age_estimator import AgeEstimator
+from agecgan.ages import age_to_bucket
 from agecgan.align import warp_face
 from agecgan.checkpoints import export_model
-from agecgan.pipeline import AgingResult, age_weights, paste_face
+from agecgan.pipeline import AgingResult, age_weights, paste_change, paste_face
 
 PHOTOS = ("astronaut", "grace_hopper", "camera")
 SIZE = 96  # output_size in these tests: not the default, to see that it is honoured
@@ -63,7 +65,7 @@ def box_iou(a, b) -> float:
 
 
 @pytest.mark.parametrize("name", PHOTOS)
-def test_result_fields(results, name):
+def test_result_fields(results, pipeline, name):
     result = results[name]
     width, height = result.photo.size
     assert len(result.box) == 4 and 0 <= result.box[0] < result.box[2] <= width
@@ -74,8 +76,14 @@ def test_result_fields(results, name):
         assert isinstance(face, Image.Image) and face.size == (SIZE, SIZE) and face.mode == "RGB"
         assert isinstance(pasted, Image.Image) and pasted.size == (width, height)
     assert result.z.shape == (1, TINY.z_dim) and result.z.device.type == "cpu"
-    assert result.num_faces == 1 and result.input_bucket == 1
-    assert "input age not given: assumed 19-29" in result.notes
+    assert result.num_faces == 1
+    # No age given: the shipped age estimator reads it from the aligned face, and says so.
+    assert estimated_bucket(result.notes) == BUCKET_LABELS[result.input_bucket]
+    estimate = AgeEstimator.from_pretrained(framing=pipeline.framing).ages(
+        np.asarray(result.aligned)[None]
+    )[0]
+    assert result.input_age == pytest.approx(estimate)
+    assert result.input_bucket == age_to_bucket(max(1, int(estimate)))
     assert result.grayscale == (name == "camera")  # the cameraman is a 2-D gray array
     if result.grayscale:
         rgb = np.asarray(result.aged[0]).astype(int)
@@ -121,6 +129,105 @@ def test_render_mixes_ages(pipeline, results):
     for bad in ([1, 0, 0], [0, 0, 0, 0, 0, 0], [1, -1, 1, 0, 0, 0]):
         with pytest.raises(ValueError, match="non-negative"):
             pipeline.render(result, bad)
+
+
+def generated_faces(pipeline, result) -> np.ndarray:
+    """G's own faces at the input's bucket, then the six buckets, as float pixel levels."""
+    conditions = torch.cat([torch.eye(6)[[result.input_bucket]], torch.eye(6)])
+    return pipeline._generate(result.z, conditions, result.adaptation)
+
+
+def test_detail_rendering_adds_only_the_change_to_the_photo(pipeline, astronaut):
+    """render="detail": each 64 px face is the aligned input plus strength x (G_k - G_own),
+    and the photo gets the same change through the mask, so strength 0 returns the photo."""
+    still = pipeline(astronaut, optimize_identity=False, render="detail", strength=0.0)
+    x = np.asarray(still.aligned)
+    for face, pasted in zip(still.aged, still.pasted, strict=True):
+        small = np.asarray(face.resize((64, 64), Image.Resampling.LANCZOS)).astype(int)
+        assert np.abs(small - x).mean() < 3  # the input itself, up to the display resize
+        np.testing.assert_array_equal(np.asarray(pasted), astronaut)  # not a pixel changed
+    for strength in (1.0, 2.0):
+        result = pipeline(astronaut, optimize_identity=False, render="detail", strength=strength)
+        assert (result.render, result.strength) == ("detail", strength)
+        g = generated_faces(pipeline, result)
+        expected = np.clip(np.rint(x + strength * (g[1:] - g[:1])), 0, 255).astype(np.uint8)
+        faces, changes = pipeline._compose(result, g)
+        np.testing.assert_array_equal(faces[1:], expected)
+        np.testing.assert_array_equal(faces[0], x)  # the "reconstruction" is the photo's face
+        photo = paste_change(astronaut, changes[6], result.matrix, pipeline.framing)
+        np.testing.assert_array_equal(np.asarray(result.pasted[5]), photo)
+        # render() and progression() draw as the result was drawn.
+        face, pasted = pipeline.render(result, np.eye(6)[5])
+        np.testing.assert_array_equal(np.asarray(face), np.asarray(result.aged[5]))
+        np.testing.assert_array_equal(np.asarray(pasted), np.asarray(result.pasted[5]))
+        frames = pipeline.progression(result, frames=3)
+        np.testing.assert_array_equal(np.asarray(frames[0]), np.asarray(result.aged[0]))
+
+
+def test_paste_change_adds_a_smooth_change_inside_the_mask_only(results):
+    result = results["astronaut"]
+    photo = photo_array(result)
+    brighter = paste_change(photo, np.full((64, 64, 3), 40.0), result.matrix)
+    added = brighter.astype(int) - photo
+    assert added.min() >= 0 and added.max() <= 40  # the mask's opacity is at most 1
+    x0, y0, x1, y1 = (round(v) for v in result.box)
+    centre = added[(y0 + y1) // 2, (x0 + x1) // 2]
+    assert (centre >= 39).all() or (photo[(y0 + y1) // 2, (x0 + x1) // 2] > 215).any()
+    assert (added[:, : max(x0 - 60, 1)] == 0).all()  # far from the face: untouched
+    np.testing.assert_array_equal(paste_change(photo, np.zeros((64, 64, 3)), result.matrix), photo)
+
+
+def test_strength_scales_the_generated_change(pipeline, astronaut):
+    result = pipeline(astronaut, optimize_identity=False, strength=0.5)
+    g = generated_faces(pipeline, result)
+    faces, _ = pipeline._compose(result, g)
+    expected = np.clip(np.rint(g[:1] + 0.5 * (g[1:] - g[:1])), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(faces[1:], expected)
+    plain = pipeline(astronaut, optimize_identity=False)
+    g = generated_faces(pipeline, plain)
+    faces, _ = pipeline._compose(plain, g)
+    np.testing.assert_array_equal(faces[1:], np.rint(g[1:]).astype(np.uint8))  # G's own
+
+
+def test_adaptation_fits_the_photo_and_leaves_the_shipped_g_alone(pipeline, astronaut):
+    before = {k: v.clone() for k, v in pipeline.generator.state_dict().items()}
+    plain = pipeline(astronaut, optimize_identity=False)
+    calls = []
+    adapted = pipeline(
+        astronaut, optimize_identity=False, adapt_steps=15, progress=lambda *a: calls.append(a)
+    )
+    assert [c[:2] for c in calls] == [(step, 15) for step in range(1, 16)]
+    assert adapted.adaptation is not None and adapted.adaptation.steps == 15
+    for name, tensor in pipeline.generator.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+    assert all(p.requires_grad for p in pipeline.generator.parameters())
+    x = np.asarray(plain.aligned).astype(float)
+
+    def error(result):
+        small = result.reconstruction.resize((64, 64), Image.Resampling.LANCZOS)
+        return np.abs(np.asarray(small).astype(float) - x).mean()
+
+    assert error(adapted) < error(plain)  # G' draws this face better than G
+    face, _ = pipeline.render(adapted, np.eye(6)[2])  # the sliders use G'
+    np.testing.assert_array_equal(np.asarray(face), np.asarray(adapted.aged[2]))
+    assert not np.array_equal(np.asarray(face), np.asarray(plain.aged[2]))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"render": "painted"}, "render must be one of generated, detail"),
+        ({"strength": -0.5}, "strength must be a number from 0 to 3"),
+        ({"strength": 3.5}, "strength must be a number from 0 to 3"),
+        ({"strength": "1"}, "strength must be a number"),
+        ({"adapt_steps": 1.5}, "adapt_steps must be a whole number"),
+        ({"adapt_steps": True}, "adapt_steps must be a whole number"),
+        ({"adapt_steps": -1}, "adapt_steps must be from 0 to 200"),
+    ],
+)
+def test_bad_rendering_options_are_refused_before_any_work(pipeline, options, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline("no such photo.jpg", **options)  # refused before the file is even read
 
 
 def test_age_weights_interpolate_neighbours():
