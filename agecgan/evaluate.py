@@ -4,6 +4,7 @@
     python -m agecgan evaluate compare runs/gan/snapshots/step-*   # stage-1 weights, G only
     python -m agecgan evaluate identity --model DIR [--finetuned DIR]
     python -m agecgan evaluate calibrate --out docs/identity_networks.md  # identity thresholds
+    python -m agecgan evaluate modes --model DIR --out docs/modes  # the pipeline's drawings
 
 report: the full report (markdown, a grid and a plot). For every test face x, z = E(x) and
 the six aged faces G(z, y_b). Age: an independent age estimator (Cydral's, shipped in checkpoints/)
@@ -29,14 +30,22 @@ Methods: z0 = E(x); pixelwise and identity-preserving latent optimization from z
 calibrate: the thresholds of both networks at 1% false accepts among different UTKFace test
 faces, and how often each verifies a 64 px crop against its full-size photo.
 
+modes: the pipeline's ways of drawing the aged faces (render, strength, identity steps,
+adaptation steps), each on the same test faces at their true ages, through the pipeline's own
+faces_from and compose, measured like the report (both networks, both at once, FID per target
+bucket) plus the age span, the share of inputs whose six ages come out in order, and seconds per
+face; the unchanged photo frames them.
+
 `python -m agecgan.evaluate` is an alias of `python -m agecgan evaluate`. This file is the
 command line and decides which faces and latents are measured; the measures are in
 agecgan/measures.py, the report in agecgan/report.py, the calibration in agecgan/calibrate.py.
 """
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +76,16 @@ from agecgan.measures import (
 )
 from agecgan.mobileface import MobileFaceRecognizer
 from agecgan.networks import to_model_range, to_uint8
+from agecgan.pipeline import DEFAULT_RENDER, RENDERS, AgingPipeline, check_render, compose
 from agecgan.prepare import FaceDataset
-from agecgan.report import Report, compare_table, identity_table, write_report
+from agecgan.report import (
+    Report,
+    compare_table,
+    identity_table,
+    mode_grid,
+    modes_table,
+    write_report,
+)
 
 
 def framing_of(model: str | Path, data: str | Path) -> Framing:
@@ -253,6 +270,122 @@ def evaluate_identity(
 # ---- the command line ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Mode:
+    """One way the pipeline draws aged faces: AgingPipeline.__call__'s options."""
+
+    render: str = DEFAULT_RENDER
+    strength: float = 1.0
+    identity_steps: int = DEFAULT_STEPS
+    adapt_steps: int = 0
+
+    @property
+    def name(self) -> str:
+        adapt = f", adapt {self.adapt_steps}" if self.adapt_steps else ""
+        return f"{self.render} x{self.strength:g}, identity {self.identity_steps}{adapt}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Mode":
+        """'render:strength:identity_steps:adapt_steps', e.g. 'detail:2:20:0'."""
+        try:
+            render, strength, identity, adapt = text.split(":")
+            mode = cls(render, float(strength), int(identity), int(adapt))
+            check_render(mode.render, mode.strength, mode.adapt_steps)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not render:strength:identity_steps:adapt_steps "
+                f"(render one of {', '.join(RENDERS)}): {error}"
+            ) from None
+        return mode
+
+
+# Today's default, detail rendering at strength 1 and 2, adaptation, and their combination.
+MODES = (
+    Mode(),
+    Mode("detail", 1.0),
+    Mode("detail", 2.0),
+    Mode(adapt_steps=20),
+    Mode("detail", 2.0, adapt_steps=20),
+)
+
+
+def render_modes(
+    pipeline: AgingPipeline, inputs: np.ndarray, buckets: np.ndarray, modes
+) -> dict[Mode, tuple[np.ndarray, list[float]]]:
+    """Each mode's faces (N, 7, 64, 64, 3) of aligned test faces at their true buckets, through
+    the pipeline's own faces_from and compose, and the seconds each face took. Modes that share
+    their optimization (identity and adaptation steps) share its run."""
+    made: dict[Mode, tuple[np.ndarray, list[float]]] = {}
+    for fitting in dict.fromkeys((m.identity_steps, m.adapt_steps) for m in modes):
+        same = [m for m in modes if (m.identity_steps, m.adapt_steps) == fitting]
+        faces = {m: np.empty((len(inputs), 7, 64, 64, 3), np.uint8) for m in same}
+        seconds = {m: [] for m in same}
+        for i, (face, bucket) in enumerate(zip(inputs, buckets, strict=True)):
+            began = time.perf_counter()
+            _, _, generated = pipeline.faces_from(face, int(bucket), False, *fitting)
+            fitted = time.perf_counter() - began
+            for mode in same:
+                began = time.perf_counter()
+                faces[mode][i] = compose(generated, face, mode.render, mode.strength)[0]
+                seconds[mode].append(fitted + time.perf_counter() - began)
+            if (i + 1) % 50 == 0:
+                print(f"  {same[0].name}: {i + 1} faces", file=sys.stderr)
+        made.update({m: (faces[m], seconds[m]) for m in same})
+    return made
+
+
+def age_order(estimator, faces: np.ndarray) -> dict:
+    """From the estimated ages of the six aged faces of each input: the span (60+ minus 0-18,
+    in years) and the share of inputs whose six ages rise bucket by bucket."""
+    ages = np.stack([estimator.ages(np.ascontiguousarray(faces[:, 1 + b])) for b in range(6)], 1)
+    return {
+        "span": float(np.mean(ages[:, -1] - ages[:, 0])),
+        "in_order": float(np.mean(np.all(np.diff(ages, axis=1) > 0, axis=1))),
+        "mean_ages": [float(a) for a in ages.mean(0)],
+    }
+
+
+def evaluate_modes(args: argparse.Namespace) -> int:
+    mobileface.require_installed()
+    framing = framing_of(args.model, args.data)
+    estimator, inception, reference = _measures(framing, args.data)
+    judges = dict(fr=dlib_judge(framing=framing), independent=mobileface_judge(framing=framing))
+    measured = dict(reference=reference, estimator=estimator, inception=inception)
+    pipeline = AgingPipeline.from_pretrained(args.model, device="cpu")
+    start, stop = args.skip, args.skip + args.limit
+    inputs, buckets = reference.images[start:stop], reference.buckets[start:stop]
+    rows = []
+    if start == 0:  # the baseline measures the first test faces
+        unchanged = evaluate_unchanged(**measured, limit=stop, **judges)
+        faces = np.repeat(inputs[:, None], 7, axis=1)
+        rows.append((unchanged, age_order(estimator, faces), None, faces))
+    for mode, (faces, seconds) in render_modes(pipeline, inputs, buckets, args.modes).items():
+        evaluation = measure_faces(
+            inputs, buckets, faces, **measured, **judges, label=mode.name, source="test"
+        )
+        rows.append((evaluation, age_order(estimator, faces), float(np.median(seconds)), faces))
+        print(modes_table(rows[-1:]), file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m agecgan evaluate modes " + " ".join(sys.argv[3:])
+    text = (
+        f"Written by `{command}`: {len(inputs)} UTKFace test faces (from face {start}) x 6 "
+        f"targets, model {args.model}. Seconds per face: E, identity steps, adaptation and G "
+        "on this machine's CPU (no detection or paste-back), median.\n\n" + modes_table(rows)
+    )
+    (out / "modes.md").write_text(text + "\n")
+    records = [
+        {"mode": e.model, **extra, "seconds": sec, "evaluation": asdict(e)}
+        for e, extra, sec, _ in rows
+    ]
+    (out / "modes.json").write_text(json.dumps(records, indent=1, default=float))
+    mode_grid(inputs[:10], [(e.model, faces[:10]) for e, _, _, faces in rows]).save(
+        out / "modes.png"
+    )
+    print(text)
+    return 0
+
+
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """The subcommands report, compare, identity and calibrate on `parser`: that of
     `python -m agecgan evaluate` and of its alias `python -m agecgan.evaluate`."""
@@ -295,6 +428,22 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument(
         "--out", help="also write the markdown here (docs/identity_networks.md)"
     )
+    modes = kinds.add_parser("modes", help="the pipeline's ways of drawing, side by side")
+    modes.add_argument("--model", default="checkpoints", help="model folder (E and G)")
+    modes.add_argument("--data", default="data/utkface", help="prepared dataset (test split)")
+    modes.add_argument("--out", required=True, help="folder for modes.md, .json and .png")
+    modes.add_argument("--limit", type=int, default=500, help="test faces to age")
+    modes.add_argument("--skip", type=int, default=0, help="start at this test face")
+    modes.add_argument(
+        "--modes",
+        nargs="+",
+        type=Mode.parse,
+        default=list(MODES),
+        help="render:strength:identity_steps:adapt_steps each (default: "
+        + " ".join(f"{m.render}:{m.strength:g}:{m.identity_steps}:{m.adapt_steps}" for m in MODES)
+        + ")",
+    )
+    modes.set_defaults(handler=evaluate_modes)
     identity.set_defaults(handler=_identity)
     report.set_defaults(handler=_report)
     compare.set_defaults(handler=_compare)

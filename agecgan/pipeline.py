@@ -412,25 +412,26 @@ class AgingPipeline:
         return faces.permute(0, 2, 3, 1).cpu().numpy()
 
     def _compose(self, result: AgingResult, generated: np.ndarray):
-        """Row 0 of `generated` is G at the input's own bucket, the others the faces asked for:
-        -> (faces uint8, changes float) with change = strength * (G_k - G_own), and the face
-        the base plus that change, the base G_own ("generated") or the photo's face ("detail")."""
-        changes = result.strength * (generated - generated[:1])
-        base = (
-            generated[:1]
-            if result.render == "generated"
-            else np.asarray(result.aligned, np.float32)
-        )
-        if result.grayscale:
-            changes, base = _gray(changes), _gray(base)
-        faces = np.clip(np.rint(base + changes), 0, 255).astype(np.uint8)
-        return faces, changes
+        return compose(generated, result.aligned, result.render, result.strength, result.grayscale)
 
     def _paste(self, result: AgingResult, face: np.ndarray, change: np.ndarray) -> Image.Image:
         photo = np.asarray(result.photo)
         if result.render == "detail":
             return Image.fromarray(paste_change(photo, change, result.matrix, self.framing))
         return Image.fromarray(paste_face(photo, face, result.matrix, self.framing))
+
+
+def compose(
+    generated: np.ndarray, aligned, render: str, strength: float, grayscale: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """G's faces (N, 64, 64, 3) float pixel levels, row 0 at the input's own bucket, and the
+    aligned input -> (faces uint8, changes float): change = strength * (G_k - G_own), each face
+    the base plus its change, the base G_own ("generated") or the photo's face ("detail")."""
+    changes = strength * (generated - generated[:1])
+    base = generated[:1] if render == "generated" else np.asarray(aligned, np.float32)
+    if grayscale:
+        changes, base = _gray(changes), _gray(base)
+    return np.clip(np.rint(base + changes), 0, 255).astype(np.uint8), changes
 
 
 def check_render(render: str, strength: float, adapt_steps: int) -> None:

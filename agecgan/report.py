@@ -139,6 +139,69 @@ def summary_table(evaluations: list[AgingEvaluation]) -> str:
     return "\n".join(lines)
 
 
+def modes_table(rows) -> str:
+    """Markdown: one row per mode (evaluation, age_order's extras, seconds per face or None),
+    then FID per target bucket."""
+    threshold = next((e.mobileface_threshold for e, *_ in rows if e.mobileface_threshold), "")
+    head = (
+        "| drawn by | in target bucket | within one | span, years | six in order | "
+        f"dlib verified: reconstruction / aged | MobileFace (at {threshold}) verified: "
+        "reconstruction / aged | **both at once** | FID | s/face |"
+    )
+    lines = [head, _separator(head)]
+    for e, extra, seconds, *_ in rows:
+        recon, bucket_rows = e.reconstruction, e.rows
+        lines.append(
+            f"| {e.model} | {np.mean([r.age_exact for r in bucket_rows]):.1%} | "
+            f"{np.mean([r.age_within_one for r in bucket_rows]):.1%} | {extra['span']:.1f} | "
+            f"{extra['in_order']:.1%} | {_percent(recon.get('verified'))} / "
+            f"{_percent(_mean([r.verified for r in bucket_rows]))} | "
+            f"{_percent(recon.get('mobileface_verified'))} / "
+            f"{_percent(_mean([r.mobileface_verified for r in bucket_rows]))} | "
+            f"**{_percent(e.both_at_once)}** | {e.fid:.1f} | "
+            + ("-" if seconds is None else f"{seconds:.2f}")
+            + " |"
+        )
+    head = (
+        "| drawn by | "
+        + " | ".join(f"{label}: age / mean est. / FID" for label in BUCKET_LABELS)
+        + " |"
+    )
+    lines += ["", head, _separator(head)]
+    for e, extra, *_ in rows:
+        cells = [
+            f"{r.age_exact:.0%} / {age:.0f} / {r.fid:.0f}"
+            for r, age in zip(e.rows, extra["mean_ages"], strict=True)
+        ]
+        lines.append(f"| {e.model} | " + " | ".join(cells) + " |")
+    real = rows[0][0].rows
+    lines.append(
+        "| real test faces | "
+        + " | ".join(f"{r.real_exact:.0%} / {r.real_mean_age:.0f} / -" for r in real)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def mode_grid(inputs: np.ndarray, modes: list[tuple[str, np.ndarray]]) -> Image.Image:
+    """For each input, one labelled row per mode: the input, the reconstruction, six ages."""
+    size, band, label_width = 64, 14, 200
+    rows = [(name, i) for i in range(len(inputs)) for name, _ in modes]
+    grid = Image.new("RGB", (label_width + size * 8, band + size * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=10)
+    for column, label in enumerate(["input", "reconstruction", *BUCKET_LABELS]):
+        x = label_width + column * size + size / 2
+        draw.text((x, band / 2), label, fill="black", font=font, anchor="mm")
+    faces = dict(modes)
+    for place, (name, i) in enumerate(rows):
+        y = band + place * size
+        draw.text((4, y + size / 2), name, fill="black", font=font, anchor="lm")
+        for column, tile in enumerate([inputs[i], *faces[name][i]]):
+            grid.paste(Image.fromarray(tile), (label_width + column * size, y))
+    return grid
+
+
 def _separator(head: str) -> str:
     columns = head.count("|") - 1
     return "|---" + "|---:" * (columns - 1) + "|"

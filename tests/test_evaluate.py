@@ -266,3 +266,36 @@ def test_report_cli_writes_markdown_json_and_pictures(tmp_path):
     assert "## In one table" in text and f"| {UNCHANGED} |" in text
     assert "## Baseline: the photo returned unchanged for every target" in text
     assert record["baseline"]["model"] == UNCHANGED and len(record["baseline"]["rows"]) == 6
+
+
+@needs_measures
+@needs_mobileface
+def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
+    model, data = make_inputs(tmp_path, count=12)
+    out = tmp_path / "modes"
+    modes = ["generated:1:0:0", "detail:0:0:0", "detail:2:1:2"]
+    code = agecgan_main(
+        ["evaluate", "modes", "--model", str(model), "--data", str(data), "--out", str(out)]
+        + ["--limit", "4", "--modes", *modes]
+    )
+    assert code == 0
+    records = json.loads((out / "modes.json").read_text())
+    assert [r["mode"] for r in records] == [
+        UNCHANGED,
+        "generated x1, identity 0",
+        "detail x0, identity 0",
+        "detail x2, identity 1, adapt 2",
+    ]
+    unchanged, _, still, _ = records
+    # Detail at strength 0 is the photo itself: measured exactly as the unchanged photo is.
+    for key in ("both_at_once", "reconstruction"):
+        assert still["evaluation"][key] == unchanged["evaluation"][key]
+    assert still["span"] == unchanged["span"] and still["seconds"] > 0
+    for record in records:
+        assert len(record["evaluation"]["rows"]) == 6 and len(record["mean_ages"]) == 6
+        assert 0 <= record["in_order"] <= 1
+    text = (out / "modes.md").read_text()
+    assert "**both at once**" in text and "| real test faces |" in text
+    assert Image.open(out / "modes.png").size == (200 + 64 * 8, 14 + 64 * 4 * 4)
+    with pytest.raises(SystemExit):  # a bad mode is refused by the command line
+        agecgan_main(["evaluate", "modes", "--out", str(out), "--modes", "painted:1:0:0"])
