@@ -355,10 +355,9 @@ def evaluate_modes(args: argparse.Namespace) -> int:
     start, stop = args.skip, args.skip + args.limit
     inputs, buckets = reference.images[start:stop], reference.buckets[start:stop]
     rows = []
-    if start == 0:  # the baseline measures the first test faces
-        unchanged = evaluate_unchanged(**measured, limit=stop, **judges)
-        faces = np.repeat(inputs[:, None], 7, axis=1)
-        rows.append((unchanged, age_order(estimator, faces), None, faces))
+    unchanged = evaluate_unchanged(**measured, limit=args.limit, skip=start, **judges)
+    faces = np.repeat(inputs[:, None], 7, axis=1)
+    rows.append((unchanged, age_order(estimator, faces), None, faces))
     for mode, (faces, seconds) in render_modes(pipeline, inputs, buckets, args.modes).items():
         evaluation = measure_faces(
             inputs, buckets, faces, **measured, **judges, label=mode.name, source="test"

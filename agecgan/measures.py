@@ -448,16 +448,18 @@ def evaluate_unchanged(
     limit: int = 1000,
     fr: Judge | None = None,
     independent: Judge | None = None,
+    skip: int = 0,
 ) -> AgingEvaluation:
-    """The baseline that keeps identity and does no aging: every target gets the input itself,
-    measured by measure_faces like any model (its FID features are the cached real ones)."""
-    inputs = reference.images[:limit]
-    count = len(inputs)
+    """The baseline that keeps identity and does no aging: every target gets the input itself
+    (test faces skip to skip + limit), measured by measure_faces like any model (its FID
+    features are the cached real ones)."""
+    chosen = slice(skip, skip + limit)
+    inputs = reference.images[chosen]
     faces = np.repeat(inputs[:, None], 1 + NUM_BUCKETS, axis=1)
-    features = np.repeat(reference.features[:count, None], NUM_BUCKETS, axis=1)
+    features = np.repeat(reference.features[chosen, None], NUM_BUCKETS, axis=1)
     return measure_faces(
         inputs,
-        reference.buckets[:count],
+        reference.buckets[chosen],
         faces,
         reference,
         estimator,

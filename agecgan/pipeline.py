@@ -37,7 +37,7 @@ IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a u
 # face plus G's change, x + (G(z, y_k) - G(z, y_x)), so the face keeps its pixels and only the
 # change is drawn by G. In both, strength scales the change: 1 is G's, 0 none.
 RENDERS = ("generated", "detail")
-DEFAULT_RENDER = "generated"
+DEFAULT_RENDER = "detail"  # chosen by "both at once" (README, "Likeness")
 DEFAULT_STRENGTH = 1.0
 MAX_STRENGTH = 3.0
 MAX_ADAPT_STEPS = 200

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, vivid_generator
 from PIL import Image
 
-from agecgan import BUCKET_LABELS, Encoder, Generator
+from agecgan import BUCKET_LABELS, Encoder
 from agecgan.__main__ import main, output_names
 from agecgan.checkpoints import export_model
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def model(tmp_path_factory, aligner):  # aligner: the shared MTCNN, one thread
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    export_model(folder, TINY, encoder=Encoder(TINY), generator=Generator(TINY))
+    export_model(folder, TINY, encoder=Encoder(TINY), generator=vivid_generator())
     return folder
 
 

@@ -47,11 +47,10 @@ def pipeline(model, aligner):  # aligner: the shared MTCNN, on one thread
 
 @pytest.fixture(scope="module")
 def results(request, pipeline):
-    """Each photo aged once, without identity optimization: name -> AgingResult."""
-    return {
-        name: pipeline(request.getfixturevalue(name), optimize_identity=False, output_size=SIZE)
-        for name in PHOTOS
-    }
+    """Each photo aged once, without identity optimization, G's own faces pasted back (the
+    paste-back geometry is seen best on them): name -> AgingResult."""
+    options = dict(optimize_identity=False, output_size=SIZE, render="generated")
+    return {name: pipeline(request.getfixturevalue(name), **options) for name in PHOTOS}
 
 
 def photo_array(result: AgingResult) -> np.ndarray:
@@ -178,12 +177,12 @@ def test_paste_change_adds_a_smooth_change_inside_the_mask_only(results):
 
 
 def test_strength_scales_the_generated_change(pipeline, astronaut):
-    result = pipeline(astronaut, optimize_identity=False, strength=0.5)
+    result = pipeline(astronaut, optimize_identity=False, render="generated", strength=0.5)
     g = generated_faces(pipeline, result)
     faces, _ = pipeline._compose(result, g)
     expected = np.clip(np.rint(g[:1] + 0.5 * (g[1:] - g[:1])), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(faces[1:], expected)
-    plain = pipeline(astronaut, optimize_identity=False)
+    plain = pipeline(astronaut, optimize_identity=False, render="generated")
     g = generated_faces(pipeline, plain)
     faces, _ = pipeline._compose(plain, g)
     np.testing.assert_array_equal(faces[1:], np.rint(g[1:]).astype(np.uint8))  # G's own
@@ -191,11 +190,10 @@ def test_strength_scales_the_generated_change(pipeline, astronaut):
 
 def test_adaptation_fits_the_photo_and_leaves_the_shipped_g_alone(pipeline, astronaut):
     before = {k: v.clone() for k, v in pipeline.generator.state_dict().items()}
-    plain = pipeline(astronaut, optimize_identity=False)
+    drawn = dict(optimize_identity=False, render="generated")  # G's own faces, to compare
+    plain = pipeline(astronaut, **drawn)
     calls = []
-    adapted = pipeline(
-        astronaut, optimize_identity=False, adapt_steps=15, progress=lambda *a: calls.append(a)
-    )
+    adapted = pipeline(astronaut, **drawn, adapt_steps=15, progress=lambda *a: calls.append(a))
     assert [c[:2] for c in calls] == [(step, 15) for step in range(1, 16)]
     assert adapted.adaptation is not None and adapted.adaptation.steps == 15
     for name, tensor in pipeline.generator.state_dict().items():

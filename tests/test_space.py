@@ -16,11 +16,11 @@ import gradio
 import pytest
 import torch
 import yaml
-from helpers import TINY, free_port, streamlit_answers
+from helpers import TINY, free_port, streamlit_answers, vivid_generator
 
 from agecgan import service
 from agecgan.checkpoints import export_model
-from agecgan.networks import Encoder, Generator
+from agecgan.networks import Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "app"))
@@ -84,7 +84,7 @@ def test_the_space_folder_starts_as_a_space_starts_it(tmp_path, grace_hopper, sp
     out = make_space.make_space(tmp_path / "space")
     model = tmp_path / "model"
     torch.manual_seed(0)
-    export_model(model, TINY, encoder=Encoder(TINY), generator=Generator(TINY))
+    export_model(model, TINY, encoder=Encoder(TINY), generator=vivid_generator())
     port = free_port()
     env = {
         key: value

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, estimated_bucket, free_port, streamlit_answers
+from helpers import TINY, estimated_bucket, free_port, streamlit_answers, vivid_generator
 from PIL import Image
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import agecgan.pipeline  # noqa: E402
-from agecgan import BUCKET_LABELS, AgingPipeline, Encoder, Generator  # noqa: E402
+from agecgan import BUCKET_LABELS, AgingPipeline, Encoder  # noqa: E402
 from agecgan.checkpoints import export_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ CAPTIONS = ["input (aligned)", "reconstruction ({})", *BUCKET_LABELS]
 def model(tmp_path_factory, aligner):  # aligner: the shared MTCNN, on one thread
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    export_model(folder, TINY, encoder=Encoder(TINY), generator=Generator(TINY))
+    export_model(folder, TINY, encoder=Encoder(TINY), generator=vivid_generator())
     return folder
 
 
