@@ -29,9 +29,7 @@ from agecgan.networks import to_model_range
 from agecgan.runtime import select_device
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
-# Without the user's age, the shipped age estimator reads it from the photo; were it to fail,
-# we would assume the commonest training bucket (19-29 holds 7,419 of UTKFace's 23,624 faces).
-DEFAULT_INPUT_BUCKET = 1
+# Without the user's age, the shipped age estimator reads it from the aligned face.
 IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
 # How the aged faces are drawn. "generated": G's own faces, G(z, y_k). "detail": the photo's own
 # face plus G's change, x + (G(z, y_k) - G(z, y_x)), so the face keeps its pixels and only the
