@@ -33,13 +33,11 @@ from agecgan.align import (
     fit_similarity,
     template_pixels,
 )
+from agecgan.checkpoints import missing_shipped, shipped
 from agecgan.face_recognition import TEMPLATE_ON_DLIB_FACE, chip_points
 
 # Shipped with the project (its provenance: LICENSE.md beside it).
-DEFAULT_MODEL = (
-    Path(__file__).resolve().parents[1] / "checkpoints" / "age_estimator" / "age-v1.onnx"
-)
-RESTORE_HINT = "restore it with: git checkout checkpoints/age_estimator"
+DEFAULT_MODEL = shipped("checkpoints/age_estimator/age-v1.onnx")
 # _faces.py: AGE_CHIP_SIZE = 64 and CHIP_PADDING = 0.2, used as
 # get_face_chip_details(shape, 64, 0.2) on dlib's 5-point landmarks.
 CHIP_SIZE = 64
@@ -185,9 +183,8 @@ class AgeEstimator:
     def from_pretrained(cls, path: str | Path | None = None, **kwargs) -> "AgeEstimator":
         """The estimator with the shipped age-v1.onnx (or the file at path)."""
         if path is None and not DEFAULT_MODEL.is_file():
-            raise FileNotFoundError(
-                f"the shipped age model {DEFAULT_MODEL} is missing: {RESTORE_HINT}"
-            )
+            where = missing_shipped(DEFAULT_MODEL, "checkpoints/age_estimator")
+            raise FileNotFoundError(f"the shipped age model is missing: {where}")
         return cls(DEFAULT_MODEL if path is None else path, **kwargs)
 
     def chips(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:

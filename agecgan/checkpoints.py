@@ -1,12 +1,16 @@
-"""Saving and loading: atomic training states, and finished weights as safetensors + config.json.
+"""Saving and loading: atomic training states, finished weights as safetensors + config.json,
+and where the files the project ships (checkpoints/, app/examples/) are found.
 
 Nothing here unpickles code: training states load with torch.load(weights_only=True) and
 finished networks are plain safetensors, loaded strictly.
 """
 
 import contextlib
+import functools
+import importlib.metadata
 import json
 import os
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +27,10 @@ NETWORK_FILES = {
     "discriminator": "discriminator.safetensors",
 }
 NETWORK_CLASSES = {"encoder": Encoder, "generator": Generator, "discriminator": Discriminator}
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # in a checkout, the repository itself
+# `pip install .` copies the shipped files under the install's prefix, laid out as in the
+# repository (pyproject.toml's data-files): <prefix>/share/agecgan/checkpoints/config.json.
+INSTALLED_FOLDER = "share/agecgan"
 
 
 @contextlib.contextmanager
@@ -91,3 +99,43 @@ def load_network(folder: str | Path, name: str, device: torch.device | str = "cp
     tensors = {k: v.to(expected[k].dtype) if k in expected else v for k, v in tensors.items()}
     network.load_state_dict(tensors, strict=True)
     return network.to(device).eval()
+
+
+@functools.cache
+def installed_root() -> Path:
+    """<prefix>/share/agecgan of this install, read from its RECORD (so a venv, --user or --prefix
+    install all resolve); this interpreter's data prefix when no install records the files."""
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        for file in importlib.metadata.distribution("agecgan").files or ():
+            if file.match(f"{INSTALLED_FOLDER}/checkpoints/{CONFIG_NAME}"):
+                return Path(file.locate()).resolve().parents[1]
+    return Path(sysconfig.get_path("data")) / INSTALLED_FOLDER
+
+
+def shipped_places(relative: str) -> list[Path]:
+    """Where a shipped file or folder, named by its path in the repository, is looked for, in
+    order: beside the package (a source checkout), then the install's copy."""
+    return [SOURCE_ROOT / relative, installed_root() / relative]
+
+
+def shipped(relative: str) -> Path:
+    """The shipped file or folder `relative` ("checkpoints/config.json"): the first place in
+    shipped_places that holds it, else the install's place. Never raises, so that a module can
+    hold it as a default from import on; missing_shipped says, when it is used, what is wrong."""
+    places = shipped_places(relative)
+    return next((place for place in places if place.exists()), places[-1])
+
+
+def missing_shipped(path: Path, checkout: str) -> str:
+    """For the error when a shipped file or folder is not at `path`: every place it was looked
+    for, and how to restore it (`git checkout <checkout>` in a checkout, else a reinstall)."""
+    places = [path]
+    for root in (installed_root(), SOURCE_ROOT):  # the install's first: .venv/ is in a checkout
+        if path.is_relative_to(root):
+            places = shipped_places(path.relative_to(root).as_posix())
+            break
+    return (
+        f"looked at {' and '.join(map(str, places))}; restore with: git checkout {checkout} "
+        "(in a source checkout), or reinstall agecgan from its source folder "
+        "(pip install --force-reinstall .)"
+    )

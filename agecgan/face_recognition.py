@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agecgan.align import DEFAULT_FRAMING, FACE_SIZE, Framing, fit_similarity, template_pixels
+from agecgan.checkpoints import missing_shipped, shipped
 
 EMBEDDING_SIZE = 128
 SAME_PERSON_THRESHOLD = 0.6  # dlib's threshold on the Euclidean distance of two embeddings
@@ -25,12 +26,7 @@ CHIP_PADDING = 0.25  # ...cut with get_face_chip_details(size=150, padding=0.25)
 # dlib's input layer: (pixel - channel mean) / 256, RGB order, pixels in [0, 255].
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
 DLIB_INPUT_SCALE = 256.0
-WEIGHTS = (
-    Path(__file__).resolve().parents[1]
-    / "checkpoints"
-    / "face_recognition"
-    / "dlib_resnet_v1.safetensors"
-)
+WEIGHTS = shipped("checkpoints/face_recognition/dlib_resnet_v1.safetensors")
 
 # dlib's 5-point chip template on the unit face square (get_face_chip_details in
 # dlib/image_transforms/interpolation.h), in the order of dlib's 5-point shape predictor: outer
@@ -251,6 +247,9 @@ class FaceRecognizer(FrozenModule):
         takes faces cut with `framing`."""
         from safetensors.torch import load_file
 
+        if path is None and not WEIGHTS.is_file():
+            where = missing_shipped(WEIGHTS, "checkpoints/face_recognition")
+            raise FileNotFoundError(f"the shipped FR weights are missing: {where}")
         model = cls(framing=framing)
         state = load_file(str(WEIGHTS if path is None else path))
         model.network.load_state_dict(state, strict=True)  # float16 files are upcast here

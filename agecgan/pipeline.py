@@ -23,12 +23,12 @@ from agecgan.align import (
     face_to_photo,
     read_photo,
 )
-from agecgan.checkpoints import load_network
+from agecgan.checkpoints import CONFIG_NAME, load_network, missing_shipped, shipped
 from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, optimize_latent
 from agecgan.networks import to_model_range
 from agecgan.runtime import select_device
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints"
+DEFAULT_MODEL = shipped(f"checkpoints/{CONFIG_NAME}").parent  # the checkout's, else the install's
 # Without the user's age, the shipped age estimator reads it from the aligned face.
 IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
 # How the aged faces are drawn. "generated": G's own faces, G(z, y_k). "detail": the photo's own
@@ -218,9 +218,9 @@ class AgingPipeline:
         if missing and path is None:
             raise FileNotFoundError(
                 f"the shipped Age-cGAN model is missing ({folder} lacks {', '.join(missing)}): "
-                "restore it (git checkout checkpoints), or train one (python train.py gan ..., "
-                "then python train.py encoder ...; see the README) and pass its model folder "
-                "(e.g. runs/encoder/model) as path, or --model"
+                f"{missing_shipped(folder, 'checkpoints')}; or train one (python train.py gan "
+                "..., then python train.py encoder ...; see the README) and pass its model "
+                "folder (e.g. runs/encoder/model) as path, or --model"
             )
         if missing:
             raise FileNotFoundError(

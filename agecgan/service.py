@@ -16,6 +16,7 @@ from PIL import Image
 from agecgan.adapt import DEFAULT_ADAPT_STEPS
 from agecgan.ages import NUM_BUCKETS
 from agecgan.align import FaceNotFoundError, Note, read_photo
+from agecgan.checkpoints import shipped
 from agecgan.pipeline import (
     DEFAULT_RENDER,
     DEFAULT_STRENGTH,
@@ -28,7 +29,7 @@ from agecgan.pipeline import (
     shrink_to,
 )
 
-EXAMPLES_FOLDER = Path(__file__).resolve().parents[1] / "app" / "examples"
+EXAMPLES_FOLDER = shipped("app/examples")
 EXAMPLES = {  # name -> (file in EXAMPLES_FOLDER, age in years or None); public domain
     "Grace Hopper": ("grace_hopper.jpg", 77),
     "Eileen Collins": ("eileen_collins.jpg", None),

@@ -6,6 +6,7 @@ rest (folder, resume, batches, logs, sample grids, snapshots, atomic state saves
 with its help text: `python train.py <stage> --help` lists them.
 """
 
+import copy
 import dataclasses
 import statistics
 import sys
@@ -44,6 +45,9 @@ class GanOptions(RunOptions):
     keras_modes: bool = option(
         False, "literal Keras: fakes for D from G in eval mode, D frozen in eval mode"
     )
+    # A running average of G's weights draws steadier faces than G at any one step, where D and
+    # G chase each other (Karras et al. 2018; Yazici et al. 2019). Not in the recipe.
+    ema_decay: float = option(0.0, "keep an average of G's weights, ship and sample it (0: none)")
     config: dict = option(AgeCGANConfig().to_dict(), "the architecture (the recipe's)")
 
     RESUME_FIXED: ClassVar[tuple[str, ...]] = ("batch_size", "seed", "data", "config")
@@ -100,6 +104,15 @@ def fixed_sample_noise(config: AgeCGANConfig, columns: int, seed: int) -> torch.
 
 
 @torch.no_grad()
+def update_average(average: nn.Module, network: nn.Module, decay: float) -> None:
+    """Move the averaged weights towards the network's; batch-norm statistics are copied."""
+    for kept, current in zip(average.parameters(), network.parameters(), strict=True):
+        kept.lerp_(current, 1.0 - decay)
+    for kept, current in zip(average.buffers(), network.buffers(), strict=True):
+        kept.copy_(current)
+
+
+@torch.no_grad()
 def age_rows(G: nn.Module, z: torch.Tensor) -> list[torch.Tensor]:
     """G(z, y) for each age bucket y: one row per bucket, youngest first."""
     was_training = G.training
@@ -138,6 +151,11 @@ def train_gan(options: GanOptions) -> TrainResult:
         D.load_state_dict(state["discriminator"])
         optimizer_g.load_state_dict(state["optimizer_g"])
         optimizer_d.load_state_dict(state["optimizer_d"])
+    # The average is what ships; a run that turns it on when resumed starts it from G.
+    G_average = copy.deepcopy(G).requires_grad_(False) if options.ema_decay else None
+    if state and G_average is not None:
+        G_average.load_state_dict(state.get("generator_average", state["generator"]))
+    G_kept = G if G_average is None else G_average
     G_ddp, D_ddp = run.distributed(G), run.distributed(D)
     sample_z = fixed_sample_noise(config, options.sample_columns, options.seed).to(run.device)
     noise = run.noise
@@ -196,6 +214,8 @@ def train_gan(options: GanOptions) -> TrainResult:
         g_loss.backward()
         optimizer_g.step()
         D.requires_grad_(True)
+        if G_average is not None:
+            update_average(G_average, G, options.ema_decay)
 
         losses = {
             "loss/d_real": d_real.item(),
@@ -206,8 +226,9 @@ def train_gan(options: GanOptions) -> TrainResult:
             losses["loss/d_mismatch"] = d_mismatch.item()  # real faces with a wrong age
         run.log(losses)
         if run.due(options.sample_every):
-            run.save_grid(age_rows(G, sample_z))
+            run.save_grid(age_rows(G_kept, sample_z))
         if run.due(options.save_every):
+            average = {} if G_average is None else {"generator_average": G_average.state_dict()}
             run.save_state(
                 {
                     "generator": G.state_dict(),
@@ -215,16 +236,17 @@ def train_gan(options: GanOptions) -> TrainResult:
                     "optimizer_g": optimizer_g.state_dict(),
                     "optimizer_d": optimizer_d.state_dict(),
                 }
+                | average
             )
         if run.due(options.snapshot_every, at_end=False):
-            run.snapshot(config, generator=G, discriminator=D)
+            run.snapshot(config, generator=G_kept, discriminator=D)
 
     model_dir = run.finish(
-        lambda folder: export_model(folder, config, generator=G, discriminator=D),
-        generator=G,
+        lambda folder: export_model(folder, config, generator=G_kept, discriminator=D),
+        generator=G_kept,
         discriminator=D,
     )
-    return TrainResult(model_dir, {"generator": G, "discriminator": D}, run.speeds)
+    return TrainResult(model_dir, {"generator": G_kept, "discriminator": D}, run.speeds)
 
 
 # ---- stage 2: encoder -----------------------------------------------------------------------

@@ -138,6 +138,31 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_data, tmp_path):
         assert all(torch.equal(a[key], b[key]) for key in a), name
 
 
+def test_the_average_of_g_ships_resumes_exactly_and_can_start_late(tiny_data, tmp_path):
+    def run(name, **overrides):
+        return train_gan(gan_options(tiny_data, tmp_path / name, ema_decay=0.5, **overrides))
+
+    straight = run("straight", max_steps=6)
+    run("resumed", max_steps=4)
+    resumed = run("resumed", max_steps=6, resume=True)
+    a, b = straight.networks["generator"].state_dict(), resumed.networks["generator"].state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    state = load_training_state(tmp_path / "straight" / "state.pt")
+    shipped = load_file(tmp_path / "straight" / "model" / "generator.safetensors")
+    assert all(torch.equal(shipped[k], v) for k, v in state["generator_average"].items())
+    assert any(
+        not torch.equal(state["generator"][k], v) for k, v in state["generator_average"].items()
+    )
+    # A run that turns the average on when resumed starts it from G's weights at that step.
+    before = train_gan(gan_options(tiny_data, tmp_path / "late", max_steps=4))
+    before = {k: v.clone() for k, v in before.networks["generator"].state_dict().items()}
+    late = run("late", max_steps=5, resume=True).networks["generator"]
+    after = load_training_state(tmp_path / "late" / "state.pt")["generator"]
+    for name, _ in late.named_parameters():
+        expected = 0.5 * before[name] + 0.5 * after[name]
+        assert torch.allclose(late.state_dict()[name], expected, atol=1e-6), name
+
+
 def test_resume_without_state_is_a_clear_error(tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="state.pt"):
         train_gan(gan_options(tiny_data, tmp_path / "empty", resume=True))
