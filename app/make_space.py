@@ -82,15 +82,16 @@ def builder_command(sdk_version: str, requirements: str = "requirements.txt") ->
     ]
 
 
-def tracked_files(root: Path) -> list[str]:
-    """The files git tracks, or would (`git add -A`: new files too, never ignored ones)."""
+def tracked_files(root: Path, left_out: tuple[str, ...] = LEFT_OUT) -> list[str]:
+    """The files git tracks, or would (`git add -A`: new files too, never ignored ones), but
+    those under left_out."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=root,
         check=True,
         capture_output=True,
     ).stdout.decode()
-    return [name for name in listed.split("\0") if name and not name.startswith(LEFT_OUT)]
+    return [name for name in listed.split("\0") if name and not name.startswith(left_out)]
 
 
 def make_space(out: Path, root: Path = ROOT, streamlit: bool = False) -> Path:

@@ -19,6 +19,9 @@ from agecgan.face_recognition import FaceRecognizer
 from agecgan.pipeline import AgingPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "app"))
+import make_space  # noqa: E402
+
 SIZE = 256  # the CLI's default --size
 AGE_MODEL = "checkpoints/age_estimator/age-v1.onnx"
 FR_WEIGHTS = "checkpoints/face_recognition/dlib_resnet_v1.safetensors"
@@ -42,13 +45,7 @@ print(json.dumps({key: str(value) for key, value in paths.items()}))
 def copy_tracked(root: Path, out: Path) -> Path:
     """The files git tracks, or would (new ones too, never ignored ones), copied to out: pip
     builds in the source folder, so its build/ and egg-info land in the copy, not the checkout."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=root,
-        check=True,
-        capture_output=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
+    for name in make_space.tracked_files(root, left_out=()):
         if (root / name).is_file():  # a tracked file deleted in the working tree is skipped
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, out / name)
