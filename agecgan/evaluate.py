@@ -57,7 +57,7 @@ from agecgan.align import Framing
 from agecgan.calibrate import calibrate, calibration_markdown
 from agecgan.checkpoints import load_config, load_network
 from agecgan.face_recognition import SAME_PERSON_THRESHOLD, FaceRecognizer, distance
-from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, optimize_latent
+from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, OBJECTIVES, optimize_latent
 from agecgan.measures import (
     AgedFaces,
     AgingEvaluation,
@@ -76,7 +76,14 @@ from agecgan.measures import (
 )
 from agecgan.mobileface import MobileFaceRecognizer
 from agecgan.networks import to_model_range, to_uint8
-from agecgan.pipeline import DEFAULT_RENDER, RENDERS, AgingPipeline, check_render, compose
+from agecgan.pipeline import (
+    DEFAULT_RENDER,
+    IDENTITY_OBJECTIVE,
+    RENDERS,
+    AgingPipeline,
+    check_render,
+    compose,
+)
 from agecgan.prepare import FaceDataset
 from agecgan.report import (
     Report,
@@ -278,22 +285,31 @@ class Mode:
     strength: float = 1.0
     identity_steps: int = DEFAULT_STEPS
     adapt_steps: int = 0
+    objective: str = IDENTITY_OBJECTIVE
 
     @property
     def name(self) -> str:
         adapt = f", adapt {self.adapt_steps}" if self.adapt_steps else ""
-        return f"{self.render} x{self.strength:g}, identity {self.identity_steps}{adapt}"
+        objective = "" if self.objective == IDENTITY_OBJECTIVE else f" ({self.objective})"
+        return f"{self.render} x{self.strength:g}, identity {self.identity_steps}{objective}{adapt}"
+
+    @property
+    def fitting(self) -> tuple[int, int, str]:
+        """What faces_from computes for this mode: modes that share it share its run."""
+        return self.identity_steps, self.adapt_steps, self.objective
 
     @classmethod
     def parse(cls, text: str) -> "Mode":
-        """'render:strength:identity_steps:adapt_steps', e.g. 'detail:2:20:0'."""
+        """'render:strength:identity_steps:adapt_steps[:objective]', e.g. 'detail:2:20:0'."""
         try:
-            render, strength, identity, adapt = text.split(":")
-            mode = cls(render, float(strength), int(identity), int(adapt))
+            render, strength, identity, adapt, *objective = text.split(":")
+            if len(objective) > 1 or objective and objective[0] not in OBJECTIVES:
+                raise ValueError(f"the objective is one of {', '.join(OBJECTIVES)}")
+            mode = cls(render, float(strength), int(identity), int(adapt), *objective)
             check_render(mode.render, mode.strength, mode.adapt_steps)
         except ValueError as error:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not render:strength:identity_steps:adapt_steps "
+                f"{text!r} is not render:strength:identity_steps:adapt_steps[:objective] "
                 f"(render one of {', '.join(RENDERS)}): {error}"
             ) from None
         return mode
@@ -316,13 +332,16 @@ def render_modes(
     the pipeline's own faces_from and compose, and the seconds each face took. Modes that share
     their optimization (identity and adaptation steps) share its run."""
     made: dict[Mode, tuple[np.ndarray, list[float]]] = {}
-    for fitting in dict.fromkeys((m.identity_steps, m.adapt_steps) for m in modes):
-        same = [m for m in modes if (m.identity_steps, m.adapt_steps) == fitting]
+    for fitting in dict.fromkeys(m.fitting for m in modes):
+        same = [m for m in modes if m.fitting == fitting]
         faces = {m: np.empty((len(inputs), 7, 64, 64, 3), np.uint8) for m in same}
         seconds = {m: [] for m in same}
         for i, (face, bucket) in enumerate(zip(inputs, buckets, strict=True)):
             began = time.perf_counter()
-            _, _, generated = pipeline.faces_from(face, int(bucket), False, *fitting)
+            identity_steps, adapt_steps, objective = fitting
+            _, _, generated = pipeline.faces_from(
+                face, int(bucket), False, identity_steps, adapt_steps, objective=objective
+            )
             fitted = time.perf_counter() - began
             for mode in same:
                 began = time.perf_counter()

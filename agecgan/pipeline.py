@@ -31,6 +31,7 @@ from agecgan.runtime import select_device
 DEFAULT_MODEL = shipped(f"checkpoints/{CONFIG_NAME}").parent  # the checkout's, else the install's
 # Without the user's age, the shipped age estimator reads it from the aligned face.
 IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
+IDENTITY_OBJECTIVE = "identity"  # the paper's; "both" adds a pixel term (agecgan.identity)
 # How the aged faces are drawn. "generated": G's own faces, G(z, y_k). "detail": the photo's own
 # face plus G's change, x + (G(z, y_k) - G(z, y_x)), so the face keeps its pixels and only the
 # change is drawn by G. In both, strength scales the change: 1 is G's, 0 none.
@@ -335,11 +336,14 @@ class AgingPipeline:
         identity_steps: int,
         adapt_steps: int = 0,
         progress: Callable[[int, int, float], None] | None = None,
+        *,
+        objective: str = IDENTITY_OBJECTIVE,
     ) -> tuple[torch.Tensor, Adaptation | None, np.ndarray]:
         """The GPU-heavy part of a call: an aligned 64x64x3 uint8 face -> z = E(x), refined by
-        identity_steps of identity optimization, G tuned to the face by adapt_steps, and G's
-        faces for the input bucket and the six buckets: z (1, z_dim) on the CPU, the adaptation
-        (None without steps) and (7, 64, 64, 3) float32 faces in pixel levels [0, 255]."""
+        identity_steps of latent optimization (objective: agecgan.identity's), G tuned to the
+        face by adapt_steps, and G's faces for the input bucket and the six buckets: z (1, z_dim)
+        on the CPU, the adaptation (None without steps) and (7, 64, 64, 3) float32 faces in
+        pixel levels [0, 255]."""
         x = to_model_range(torch.from_numpy(face)[None]).to(self.device)
         y = one_hot(torch.tensor([bucket])).to(self.device)
         with torch.inference_mode():
@@ -352,6 +356,7 @@ class AgingPipeline:
                 y,
                 z0=z,
                 FR=self.recognizer,
+                objective=objective,
                 steps=identity_steps,
                 lr=DEFAULT_LR,
                 progress=progress,

@@ -273,7 +273,7 @@ def test_report_cli_writes_markdown_json_and_pictures(tmp_path):
 def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
     model, data = make_inputs(tmp_path, count=12)
     out = tmp_path / "modes"
-    modes = ["generated:1:0:0", "detail:0:0:0", "detail:2:1:2"]
+    modes = ["generated:1:0:0", "detail:0:0:0", "detail:2:1:2:both"]
     code = agecgan_main(
         ["evaluate", "modes", "--model", str(model), "--data", str(data), "--out", str(out)]
         + ["--limit", "4", "--modes", *modes]
@@ -284,7 +284,7 @@ def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
         UNCHANGED,
         "generated x1, identity 0",
         "detail x0, identity 0",
-        "detail x2, identity 1, adapt 2",
+        "detail x2, identity 1 (both), adapt 2",
     ]
     unchanged, _, still, _ = records
     # Detail at strength 0 is the photo itself: measured exactly as the unchanged photo is.
@@ -297,5 +297,6 @@ def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
     text = (out / "modes.md").read_text()
     assert "**both at once**" in text and "| real test faces |" in text
     assert Image.open(out / "modes.png").size == (200 + 64 * 8, 14 + 64 * 4 * 4)
-    with pytest.raises(SystemExit):  # a bad mode is refused by the command line
-        agecgan_main(["evaluate", "modes", "--out", str(out), "--modes", "painted:1:0:0"])
+    for bad in ("painted:1:0:0", "detail:1:20:0:vgg"):  # refused by the command line
+        with pytest.raises(SystemExit):
+            agecgan_main(["evaluate", "modes", "--out", str(out), "--modes", bad])

@@ -53,6 +53,25 @@ def test_pixelwise_objective_lowers_the_pixel_error(setup):
     assert after < before
 
 
+def test_both_objective_is_the_identity_loss_plus_the_weighted_pixel_error(setup):
+    E, G, FR, x, y = setup
+    results = {
+        weight: optimize_latent(G, x, y, E=E, FR=FR, objective="both", pixel_weight=weight, steps=4)
+        for weight in (0.0, 100.0)
+    }
+    identity = optimize_latent(G, x, y, E=E, FR=FR, steps=4)
+    assert torch.allclose(results[0.0].z, identity.z)  # no weight: the identity objective
+    with torch.no_grad():
+        start = G(identity.z0, y)
+        fr_start = (FR(x) - FR(start)).pow(2).sum()
+        assert results[100.0].losses[0] == pytest.approx(
+            (fr_start + 100.0 * (start - x).pow(2).mean()).item(), rel=1e-4
+        )
+        pixel_error = {w: (G(r.z, y) - x).pow(2).mean() for w, r in results.items()}
+    assert pixel_error[100.0] < pixel_error[0.0]
+    assert results[100.0].losses[-1] < results[100.0].losses[0]
+
+
 def test_networks_are_untouched_and_modes_restored(setup):
     E, G, FR, x, y = setup
     G.train()
