@@ -36,6 +36,7 @@ from agecgan.checkpoints import (
 from agecgan.networks import AgeCGANConfig, to_uint8
 from agecgan.runtime import (
     autocast,
+    hardware,
     resolve_precision,
     start_runtime,
     stop_runtime,
@@ -303,6 +304,7 @@ class Run:
             "resolved_precision": self.precision,
             "precision_reason": self.precision_reason,
             "world_size": self.runtime.world_size,
+            "hardware": hardware(self.device),
             "torch": torch.__version__,
         }
         with atomic_write(self.folder / OPTIONS_NAME) as tmp:

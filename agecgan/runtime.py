@@ -9,6 +9,7 @@ fp32: on a Xeon without those instructions it halved stage 1's speed (README, "S
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -31,6 +32,29 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers, as /proc/cpuinfo gives them
+    (a virtual machine's name can be as short as "AMD EPYC"); else platform's."""
+    with contextlib.suppress(OSError):
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+            return f"{fields['model name']} ({numbers})"
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def hardware(device: torch.device) -> str:
+    """The machine a run uses, in words, for its options.json and the model card."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, {torch.get_num_threads()} threads"
 
 
 def select_device(name: str = "auto") -> torch.device:

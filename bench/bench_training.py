@@ -39,7 +39,7 @@ from agecgan.ages import NUM_BUCKETS, one_hot
 from agecgan.checkpoints import export_model
 from agecgan.networks import Discriminator, Encoder, Generator, UpsampleConv2d, count_trainable
 from agecgan.prepare import save_cache
-from agecgan.runtime import native_bf16, resolve_precision
+from agecgan.runtime import cpu_model, native_bf16, resolve_precision
 from agecgan.training import EncoderOptions, GanOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,18 +347,6 @@ def profile_step(work: Work, top: int = 12) -> None:
 
 
 # ---- report ---------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def default_threads() -> int:
