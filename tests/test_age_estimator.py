@@ -16,12 +16,14 @@ from agecgan.age_estimator import (
     AgeEstimator,
     check_faces,
     class_buckets,
+    cut_age_chip,
     estimate_photo_age,
+    photo_to_chip_matrix,
     template_to_chip_matrix,
     to_age_chips,
 )
 from agecgan.ages import NUM_BUCKETS, age_to_bucket
-from agecgan.align import TEMPLATE, fit_similarity, similarity_matrix, warp_face
+from agecgan.align import TEMPLATE, fit_similarity, read_photo, similarity_matrix, warp_face
 from agecgan.face_recognition import DLIB_TEMPLATE, chip_points
 from agecgan.networks import to_model_range
 
@@ -66,10 +68,11 @@ def dlib_eye_centres() -> np.ndarray:
 
 
 def test_photo_ages(aligner, estimator, astronaut, grace_hopper):
-    # Measured: Grace Hopper (77 in this photo) 80.0, all of her posterior at 60+; Eileen
-    # Collins 40.6 (19-29: 0.39, 40-49: 0.33, 50-59: 0.23). MODELS.md reports 80 and 33 through
-    # the package's own dlib pipeline; on Collins the network is sensitive to the alignment:
-    # dlib's own chip gives 32.9, the same chip 1 px lower 46.9 (and ours sits about 1 px lower).
+    # From chips cut out of the photos. Measured: Grace Hopper (77 in this photo) 79.9, all of
+    # her posterior at 60+; Eileen Collins 32.8 (19-29: 0.76, 40-49: 0.09, 50-59: 0.11; from
+    # the 64 px crop 29.7). MODELS.md reports 80 and 33 through the package's own dlib
+    # pipeline; on Collins the network is sensitive to the alignment: dlib's own chip gives
+    # 32.9, the same chip 1 px lower 46.9 (ours sits about 1 px from it, see below).
     hopper = estimate_photo_age(grace_hopper, aligner, estimator)
     collins = estimate_photo_age(astronaut, aligner, estimator)
     assert hopper > 70
@@ -100,25 +103,77 @@ def test_template_eyes_land_on_dlibs_eyes():
     np.testing.assert_allclose(template_eyes_on_the_chip(), dlib_eye_centres(), atol=1.0)
 
 
-def test_warped_pixels_put_the_eyes_where_the_matrix_says():
-    """End to end in pixels: a photo with bright dots at the eyes, aligned by warp_face and
-    warped by to_age_chips, has the dots where the matrix says (pixel conventions included)."""
-    y, x = np.mgrid[:400, :400]
-    landmarks = (TEMPLATE - 0.5) @ np.array([[0.96, 0.28], [-0.28, 0.96]]) * 150 + [190, 210]
-    photo = np.zeros((400, 400))
+def eye_dots(magnify: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A (400 m)^2 gray photo with bright dots at the eyes of a tilted 150 m px template face,
+    and its five landmarks."""
+    side = round(400 * magnify)
+    y, x = np.mgrid[:side, :side]
+    rotation = np.array([[0.96, 0.28], [-0.28, 0.96]])
+    landmarks = ((TEMPLATE - 0.5) @ rotation * 150 + [190, 210]) * magnify
+    photo, sigma = np.zeros((side, side)), 6.0 * magnify
     for eye in landmarks[:2]:
-        photo += 255 * np.exp(-((x - eye[0]) ** 2 + (y - eye[1]) ** 2) / (2 * 6.0**2))
-    rgb = np.repeat(photo.round().astype(np.uint8)[..., None], 3, axis=2)
-    face = warp_face(rgb, similarity_matrix(landmarks, 64), 64)
-    chip = to_age_chips(face[None])[0, ..., 0].astype(np.float64)
+        photo += 255 * np.exp(-((x - eye[0]) ** 2 + (y - eye[1]) ** 2) / (2 * sigma**2))
+    return np.repeat(photo.round().astype(np.uint8)[..., None], 3, axis=2), landmarks
+
+
+def dot_centres(chip: np.ndarray) -> list[list[float]]:
+    """The centroids of a chip's image-left and image-right halves: where its two dots are."""
+    chip = chip[..., 0].astype(np.float64)
     cy, cx = np.mgrid[:CHIP_SIZE, :CHIP_SIZE]
     found = []
     for half in (slice(0, 32), slice(32, 64)):  # the image-left and image-right eye
         weights = np.zeros_like(chip)
         weights[:, half] = chip[:, half]
         found.append([(weights * cx).sum() / weights.sum(), (weights * cy).sum() / weights.sum()])
+    return found
+
+
+def test_warped_pixels_put_the_eyes_where_the_matrix_says():
+    """End to end in pixels: a photo with bright dots at the eyes, aligned by warp_face and
+    warped by to_age_chips, has the dots where the matrix says (pixel conventions included)."""
+    rgb, landmarks = eye_dots()
+    face = warp_face(rgb, similarity_matrix(landmarks, 64), 64)
     # Measured: within 0.015 px.
-    np.testing.assert_allclose(found, template_eyes_on_the_chip(), atol=0.1)
+    np.testing.assert_allclose(
+        dot_centres(to_age_chips(face[None])[0]), template_eyes_on_the_chip(), atol=0.1
+    )
+
+
+@pytest.mark.parametrize("magnify", [0.4, 1.0, 4.0])  # the photo halved 0, 1 and 3 times
+def test_photo_chips_put_the_eyes_where_the_matrix_says(magnify):
+    """The same dots cut straight out of the photo by the aligner's matrix land at the same
+    place on the chip, through any depth of the pyramid."""
+    rgb, landmarks = eye_dots(magnify)
+    matrix = photo_to_chip_matrix(similarity_matrix(landmarks, 64))
+    # Measured: within 0.01 px.
+    np.testing.assert_allclose(
+        dot_centres(cut_age_chip(rgb, matrix)), template_eyes_on_the_chip(), atol=0.1
+    )
+
+
+def test_photo_chips_match_the_crops_chips_where_the_crop_reaches(
+    estimator, aligned, astronaut, grace_hopper
+):
+    """A chip cut out of the photo is the chip resampled from the crop, only sharper and whole:
+    on the two thirds of the chip that the crop covers they agree."""
+    inverse = cv2.invertAffineTransform(template_to_chip_matrix())
+    cy, cx = np.mgrid[:CHIP_SIZE, :CHIP_SIZE]
+    source = np.stack([cx, cy], -1) @ inverse[:, :2].T + inverse[:, 2]  # crop pixel of each
+    covered = ((source >= 1) & (source <= 62)).all(-1)  # a pixel in from the crop's edge
+    for name, photo in (("collins", astronaut), ("hopper", read_photo(grace_hopper)[0])):
+        face = aligned[name]
+        from_crop = to_age_chips(np.asarray(face.image)[None])[0][covered].astype(np.float64)
+        from_photo = estimator.photo_chips(np.asarray(photo), face.matrix[None])[0][covered]
+        # Measured: correlation 0.998 on both, the mean difference -0.06 and -0.05 grey levels.
+        assert np.corrcoef(from_crop.ravel(), from_photo.ravel())[0, 1] > 0.99
+        assert abs((from_photo - from_crop).mean()) < 1
+
+
+def test_uniform_photos_keep_their_value():
+    matrix = photo_to_chip_matrix(similarity_matrix(eye_dots(4.0)[1], 64))  # 3 halvings
+    for value in (0, 1, 128, 254, 255):
+        photo = np.full((1600, 1200, 3), value, np.uint8)
+        assert (cut_age_chip(photo, matrix) == value).all()
 
 
 def test_real_landmarks_land_near_dlibs_chip(aligned):
@@ -201,6 +256,9 @@ def test_rejects_other_types_and_bad_faces_at_the_estimator(estimator):
         check_faces([np.zeros((64, 64, 3), np.uint8)])
     with pytest.raises(ValueError, match=r"\(N, 64, 64, 3\)"):
         estimator.ages(np.zeros((1, 64, 64), np.uint8))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 photo"):
+        estimator.photo_chips(np.zeros((64, 64), np.uint8), np.eye(2, 3)[None])
+    assert estimator.photo_ages(np.zeros((64, 64, 3), np.uint8), np.zeros((0, 2, 3))).shape == (0,)
 
 
 def test_the_shipped_model_is_the_wheels_file_and_a_missing_one_says_how_to_restore(

@@ -76,10 +76,11 @@ def test_result_fields(results, pipeline, name):
         assert isinstance(pasted, Image.Image) and pasted.size == (width, height)
     assert result.z.shape == (1, TINY.z_dim) and result.z.device.type == "cpu"
     assert result.num_faces == 1
-    # No age given: the shipped age estimator reads it from the aligned face, and says so.
+    # No age given: the shipped age estimator reads it from the photo around the aligned face,
+    # and says so.
     assert estimated_bucket(result.notes) == BUCKET_LABELS[result.input_bucket]
-    estimate = AgeEstimator.from_pretrained(framing=pipeline.framing).ages(
-        np.asarray(result.aligned)[None]
+    estimate = AgeEstimator.from_pretrained(framing=pipeline.framing).photo_ages(
+        photo_array(result), result.matrix[None]
     )[0]
     assert result.input_age == pytest.approx(estimate)
     assert result.input_bucket == age_to_bucket(max(1, int(estimate)))
