@@ -147,7 +147,7 @@ def main() -> None:
         "MTCNN detect + align": median_ms(lambda: pipeline.aligner(image), args.repeats),
         "  the full-size search alone": median_ms(lambda: full_size(image), args.repeats),
         "E + G (7 faces)": median_ms(encode_and_generate, args.repeats),
-        "paste back (6 photos)": median_ms(
+        "6 single renders (G + paste each)": median_ms(
             lambda: [pipeline.render(result, np.eye(NUM_BUCKETS)[i]) for i in range(6)],
             args.repeats,
         ),
