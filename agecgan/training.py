@@ -390,6 +390,7 @@ class AllOptions(GanOptions):
 
     mismatched_ages: bool = option(True, "matching-aware D, as the default model was trained")
     hflip: bool = option(True, "random horizontal flips, as the default model was trained")
+    ema_decay: float = option(0.999, "G's weights averaged, as the default model's were")
     epochs: int = option(100, "stage-1 passes over the training faces (the paper's horizon)")
     snapshot_every: int = option(0, "steps between kept fp16 weight exports of stage 1 (0: none)")
     pairs: int = option(100_000, "stage 2's (z, y) pairs, as the paper")
