@@ -42,6 +42,7 @@ agecgan/measures.py, the report in agecgan/report.py, the calibration in agecgan
 """
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -50,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from agecgan import mobileface
 from agecgan.ages import one_hot
@@ -91,8 +93,10 @@ from agecgan.report import (
     identity_table,
     mode_grid,
     modes_table,
+    photo_grid,
     write_report,
 )
+from agecgan.service import EXAMPLES, EXAMPLES_FOLDER
 
 
 def framing_of(model: str | Path, data: str | Path) -> Framing:
@@ -400,8 +404,34 @@ def evaluate_modes(args: argparse.Namespace) -> int:
     mode_grid(inputs[:10], [(e.model, faces[:10]) for e, _, _, faces in rows]).save(
         out / "modes.png"
     )
+    examples_in_modes(pipeline, args.modes).save(out / "examples.jpg", quality=90)
     print(text)
     return 0
+
+
+def examples_in_modes(pipeline: AgingPipeline, modes) -> Image.Image:
+    """The app's example photos aged in every mode, pasted back as the app shows them and cut
+    around the face (their ages as the app's examples give them, else estimated)."""
+    rows = []
+    for name, (file, age) in EXAMPLES.items():
+        photo = Image.open(EXAMPLES_FOLDER / file)
+        for mode in modes:
+            result = pipeline(
+                photo,
+                input_age=age,
+                optimize_identity=mode.identity_steps > 0,
+                identity_steps=mode.identity_steps,
+                render=mode.render,
+                strength=mode.strength,
+                adapt_steps=mode.adapt_steps,
+                faces_from=functools.partial(pipeline.faces_from, objective=mode.objective),
+            )
+            x1, y1, x2, y2 = result.box  # the face and its surroundings: what aging changes
+            side, cx, cy = 1.6 * max(x2 - x1, y2 - y1), (x1 + x2) / 2, (y1 + y2) / 2
+            crop = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+            row = [result.photo, *result.pasted]
+            rows.append((f"{name}: {mode.name}", [image.crop(crop) for image in row]))
+    return photo_grid(rows)
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:

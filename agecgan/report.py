@@ -202,6 +202,36 @@ def mode_grid(inputs: np.ndarray, modes: list[tuple[str, np.ndarray]]) -> Image.
     return grid
 
 
+def photo_grid(rows: list[tuple[str, list[Image.Image]]], height: int = 160) -> Image.Image:
+    """Labelled rows of photos, each scaled to one height: the input photo, then its six pasted
+    ages (the app's examples in every mode)."""
+    band, label_width = 14, 240
+
+    def scale(photo: Image.Image) -> Image.Image:
+        return photo.resize((round(photo.width * height / photo.height), height))
+
+    scaled = [(name, [scale(photo) for photo in row]) for name, row in rows]
+    width = label_width + max(sum(photo.width for photo in row) for _, row in scaled)
+    grid = Image.new("RGB", (width, band + height * len(scaled)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=10)
+    draw.text(
+        (label_width, band / 2),
+        "photo, then " + ", ".join(BUCKET_LABELS),
+        fill="black",
+        font=font,
+        anchor="lm",
+    )
+    for place, (name, row) in enumerate(scaled):
+        y = band + place * height
+        draw.text((4, y + height / 2), name, fill="black", font=font, anchor="lm")
+        x = label_width
+        for photo in row:
+            grid.paste(photo.convert("RGB"), (x, y))
+            x += photo.width
+    return grid
+
+
 def _separator(head: str) -> str:
     columns = head.count("|") - 1
     return "|---" + "|---:" * (columns - 1) + "|"

@@ -297,6 +297,8 @@ def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
     text = (out / "modes.md").read_text()
     assert "**both at once**" in text and "| real test faces |" in text
     assert Image.open(out / "modes.png").size == (200 + 64 * 8, 14 + 64 * 4 * 4)
+    # The app's three examples in each of the three modes, a row each, 160 px high.
+    assert Image.open(out / "examples.jpg").height == 14 + 160 * 3 * 3
     for bad in ("painted:1:0:0", "detail:1:20:0:vgg"):  # refused by the command line
         with pytest.raises(SystemExit):
             agecgan_main(["evaluate", "modes", "--out", str(out), "--modes", bad])
