@@ -414,10 +414,9 @@ def examples_in_modes(pipeline: AgingPipeline, modes) -> Image.Image:
     around the face (their ages as the app's examples give them, else estimated)."""
     rows = []
     for name, (file, age) in EXAMPLES.items():
-        photo = Image.open(EXAMPLES_FOLDER / file)
         for mode in modes:
             result = pipeline(
-                photo,
+                EXAMPLES_FOLDER / file,  # read by the pipeline's own reader, as the app does
                 input_age=age,
                 optimize_identity=mode.identity_steps > 0,
                 identity_steps=mode.identity_steps,
