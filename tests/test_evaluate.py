@@ -18,7 +18,14 @@ from agecgan import Encoder, Generator, mobileface
 from agecgan.__main__ import main as agecgan_main
 from agecgan.align import DEFAULT_FRAMING
 from agecgan.checkpoints import export_model
-from agecgan.evaluate import evaluate_generator, evaluate_identity, evaluate_model, framing_of
+from agecgan.evaluate import (
+    MODES,
+    Mode,
+    evaluate_generator,
+    evaluate_identity,
+    evaluate_model,
+    framing_of,
+)
 from agecgan.measures import (
     REFERENCE_NAME,
     UNCHANGED,
@@ -299,6 +306,8 @@ def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
     assert Image.open(out / "modes.png").size == (200 + 64 * 8, 14 + 64 * 4 * 4)
     # The app's three examples in each of the three modes, a row each, 160 px high.
     assert Image.open(out / "examples.jpg").height == 14 + 160 * 3 * 3
+    # The default table's modes, as the help text writes them, read back as the same modes.
+    assert [Mode.parse(mode.text) for mode in MODES] == list(MODES)
     for bad in ("painted:1:0:0", "detail:1:20:0:vgg"):  # refused by the command line
         with pytest.raises(SystemExit):
             agecgan_main(["evaluate", "modes", "--out", str(out), "--modes", bad])
