@@ -330,7 +330,7 @@ class Mode:
 # filed), detail drawing at strength 1 and 2, the pixel-and-FR objective, adaptation (30 steps:
 # what fits the 3 s budget) and the combination of all three.
 MODES = (
-    Mode("generated"),
+    Mode("generated", objective="identity"),
     Mode("detail", 1.0, objective="identity"),
     Mode("detail", 2.0, objective="identity"),
     Mode("detail", 1.0, objective="both"),

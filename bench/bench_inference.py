@@ -5,8 +5,8 @@
 Measures in one run, on a real photo: loading the model; the median latency of the pipeline
 from photo to reconstruction + six aged faces + six pasted photos, without identity
 optimization, with it at the default number of steps, and with 30 adaptation steps after it
-(issue 9's 3 s budget); the parts of a request (MTCNN,
-E + G for seven faces, paste-back, identity optimization) so that the total can be read, and
+(issue 9's 3 s budget); the parts of a request (MTCNN, E + G for seven faces, paste-back,
+identity optimization) so that the total can be read, and
 MTCNN's full-size search, which a photo with no face of 1/16 of its shorter side pays on top;
 what a slider move costs (one render) and the 24-frame progression. Then the memory of the
 real Gradio app: it is started as its own process on loopback, answers one request through

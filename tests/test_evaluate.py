@@ -275,6 +275,10 @@ def test_report_cli_writes_markdown_json_and_pictures(tmp_path):
     assert record["baseline"]["model"] == UNCHANGED and len(record["baseline"]["rows"]) == 6
 
 
+def test_default_modes_read_back_from_the_text_their_help_shows():
+    assert [Mode.parse(mode.text) for mode in MODES] == list(MODES)
+
+
 @needs_measures
 @needs_mobileface
 def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
@@ -306,8 +310,6 @@ def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
     assert Image.open(out / "modes.png").size == (200 + 64 * 8, 14 + 64 * 4 * 4)
     # The app's three examples in each of the three modes, a row each, 160 px high.
     assert Image.open(out / "examples.jpg").height == 14 + 160 * 3 * 3
-    # The default table's modes, as the help text writes them, read back as the same modes.
-    assert [Mode.parse(mode.text) for mode in MODES] == list(MODES)
     for bad in ("painted:1:0:0", "detail:1:20:0:vgg"):  # refused by the command line
         with pytest.raises(SystemExit):
             agecgan_main(["evaluate", "modes", "--out", str(out), "--modes", bad])
