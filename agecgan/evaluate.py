@@ -43,7 +43,9 @@ agecgan/measures.py, the report in agecgan/report.py, the calibration in agecgan
 
 import argparse
 import functools
+import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -57,7 +59,7 @@ from agecgan import mobileface
 from agecgan.ages import one_hot
 from agecgan.align import Framing
 from agecgan.calibrate import calibrate, calibration_markdown
-from agecgan.checkpoints import load_config, load_network
+from agecgan.checkpoints import atomic_write, load_config, load_network
 from agecgan.face_recognition import SAME_PERSON_THRESHOLD, FaceRecognizer, distance
 from agecgan.identity import DEFAULT_LR, DEFAULT_STEPS, OBJECTIVES, optimize_latent
 from agecgan.measures import (
@@ -342,31 +344,82 @@ MODES = (
 
 
 def render_modes(
-    pipeline: AgingPipeline, inputs: np.ndarray, buckets: np.ndarray, modes
+    pipeline: AgingPipeline,
+    inputs: np.ndarray,
+    buckets: np.ndarray,
+    modes,
+    saved: Path | None = None,
 ) -> dict[Mode, tuple[np.ndarray, list[float]]]:
     """Each mode's faces (N, 7, 64, 64, 3) of aligned test faces at their true buckets, through
     the pipeline's own faces_from and compose, and the seconds each face took. Modes that share
-    their optimization (identity and adaptation steps) share its run."""
+    their optimization (identity and adaptation steps) share its run. With `saved` (a folder),
+    the runs are saved as they go and a killed command resumes where it stopped."""
     made: dict[Mode, tuple[np.ndarray, list[float]]] = {}
     for fitting in dict.fromkeys(m.fitting for m in modes):
         same = [m for m in modes if m.fitting == fitting]
-        faces = {m: np.empty((len(inputs), 7, 64, 64, 3), np.uint8) for m in same}
-        seconds = {m: [] for m in same}
-        for i, (face, bucket) in enumerate(zip(inputs, buckets, strict=True)):
-            began = time.perf_counter()
-            identity_steps, adapt_steps, objective = fitting
-            _, _, generated = pipeline.faces_from(
-                face, int(bucket), False, identity_steps, adapt_steps, objective=objective
-            )
-            fitted = time.perf_counter() - began
-            for mode in same:
+        identity_steps, adapt_steps, objective = fitting
+        file = saved / f"fitting-{identity_steps}-{adapt_steps}-{objective}.npz" if saved else None
+        generated, fitted = fit_faces(pipeline, inputs, buckets, fitting, same[0].name, file)
+        for mode in same:
+            faces = np.empty((len(inputs), 7, 64, 64, 3), np.uint8)
+            seconds = []
+            for i, face in enumerate(inputs):
                 began = time.perf_counter()
-                faces[mode][i] = compose(generated, face, mode.render, mode.strength)[0]
-                seconds[mode].append(fitted + time.perf_counter() - began)
-            if (i + 1) % 50 == 0:
-                print(f"  {same[0].name}: {i + 1} faces", file=sys.stderr)
-        made.update({m: (faces[m], seconds[m]) for m in same})
+                faces[i] = compose(generated[i], face, mode.render, mode.strength)[0]
+                seconds.append(float(fitted[i]) + time.perf_counter() - began)
+            made[mode] = faces, seconds
     return made
+
+
+def fit_faces(
+    pipeline: AgingPipeline,
+    inputs: np.ndarray,
+    buckets: np.ndarray,
+    fitting: tuple[int, int, str],
+    name: str,
+    file: Path | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """faces_from on every input: G's seven faces (N, 7, 64, 64, 3) float32 and the seconds
+    each took. faces_from is deterministic (adaptation draws from its own seed), so a run
+    resumed from `file` (saved every 25 faces, atomically) gives the faces an unbroken one would."""
+    generated = np.empty((len(inputs), 7, 64, 64, 3), np.float32)
+    seconds = np.empty(len(inputs))
+    # What the saved faces depend on: the weights, the inputs and their buckets, the fitting.
+    key = hashlib.sha256(repr(fitting).encode())
+    for tensor in [
+        *pipeline.encoder.state_dict().values(),
+        *pipeline.generator.state_dict().values(),
+    ]:
+        key.update(tensor.detach().cpu().float().numpy().tobytes())
+    key.update(inputs.tobytes())
+    key.update(np.asarray(buckets, np.int64).tobytes())
+    done = 0
+    if file is not None and file.exists():
+        with np.load(file) as old:
+            if str(old["key"]) == key.hexdigest():
+                done = int(old["done"])
+                generated[:done] = old["generated"][:done]
+                seconds[:done] = old["seconds"][:done]
+                print(f"  {name}: resumed after {done} faces", file=sys.stderr)
+    for i in range(done, len(inputs)):
+        began = time.perf_counter()
+        identity_steps, adapt_steps, objective = fitting
+        _, _, generated[i] = pipeline.faces_from(
+            inputs[i], int(buckets[i]), False, identity_steps, adapt_steps, objective=objective
+        )
+        seconds[i] = time.perf_counter() - began
+        if file is not None and ((i + 1) % 25 == 0 or i + 1 == len(inputs)):
+            with atomic_write(file) as tmp:
+                np.savez(
+                    tmp,
+                    key=key.hexdigest(),
+                    done=i + 1,
+                    generated=generated[: i + 1],
+                    seconds=seconds[: i + 1],
+                )
+        if (i + 1) % 50 == 0:
+            print(f"  {name}: {i + 1} faces", file=sys.stderr)
+    return generated, seconds
 
 
 def age_order(estimator, faces: np.ndarray) -> dict:
@@ -389,18 +442,21 @@ def evaluate_modes(args: argparse.Namespace) -> int:
     pipeline = AgingPipeline.from_pretrained(args.model, device="cpu")
     start, stop = args.skip, args.skip + args.limit
     inputs, buckets = reference.images[start:stop], reference.buckets[start:stop]
+    out = Path(args.out)
+    saved = out / "in-progress"  # the fittings so far: a killed command resumes from them
+    saved.mkdir(parents=True, exist_ok=True)
     rows = []
     unchanged = evaluate_unchanged(**measured, limit=args.limit, skip=start, **judges)
     faces = np.repeat(inputs[:, None], 7, axis=1)
     rows.append((unchanged, age_order(estimator, faces), None, faces))
-    for mode, (faces, seconds) in render_modes(pipeline, inputs, buckets, args.modes).items():
+    for mode, (faces, seconds) in render_modes(
+        pipeline, inputs, buckets, args.modes, saved
+    ).items():
         evaluation = measure_faces(
             inputs, buckets, faces, **measured, **judges, label=mode.name, source="test"
         )
         rows.append((evaluation, age_order(estimator, faces), float(np.median(seconds)), faces))
         print(modes_table(rows[-1:]), file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = "python -m agecgan evaluate modes " + " ".join(sys.argv[3:])
     text = (
         f"Written by `{command}`: {len(inputs)} UTKFace test faces (from face {start}) x 6 "
@@ -417,6 +473,7 @@ def evaluate_modes(args: argparse.Namespace) -> int:
         out / "modes.png"
     )
     examples_in_modes(pipeline, args.modes).save(out / "examples.jpg", quality=90)
+    shutil.rmtree(saved)  # the table is written: the faces behind it are not kept (~170 MB each)
     print(text)
     return 0
 

@@ -24,6 +24,7 @@ from agecgan.evaluate import (
     evaluate_generator,
     evaluate_identity,
     evaluate_model,
+    fit_faces,
     framing_of,
 )
 from agecgan.measures import (
@@ -36,6 +37,7 @@ from agecgan.measures import (
     measure_faces,
     real_reference,
 )
+from agecgan.pipeline import AgingPipeline
 from agecgan.prepare import save_cache
 from agecgan.report import (
     Report,
@@ -279,6 +281,31 @@ def test_default_modes_read_back_from_the_text_their_help_shows():
     assert [Mode.parse(mode.text) for mode in MODES] == list(MODES)
 
 
+def test_a_killed_modes_run_resumes_from_its_saved_faces_and_only_from_its_own(tmp_path):
+    model, _ = make_inputs(tmp_path)
+    pipeline = AgingPipeline.from_pretrained(model, device="cpu")
+    inputs = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), np.uint8)
+    buckets, fitting, file = np.arange(4), (1, 1, "both"), tmp_path / "fitting.npz"
+    whole, seconds = fit_faces(pipeline, inputs, buckets, fitting, "a mode", file)
+    assert whole.shape == (4, 7, 64, 64, 3) and np.all(seconds > 0)
+    # As if killed after two faces: the saved part is reused (marked here), the rest redrawn.
+    with np.load(file) as saved:
+        marked = dict(saved, done=2, generated=saved["generated"][:2] + 1)
+    np.savez(file, **marked)
+    resumed, _ = fit_faces(pipeline, inputs, buckets, fitting, "a mode", file)
+    np.testing.assert_array_equal(resumed[:2], whole[:2] + 1)
+    np.testing.assert_allclose(resumed[2:], whole[2:], atol=1e-3)
+    with np.load(file) as saved:
+        assert int(saved["done"]) == 4
+    # Saved faces of another fitting, or of other inputs, are never reused.
+    np.savez(file, **marked)
+    again, _ = fit_faces(pipeline, inputs, buckets, (1, 0, "both"), "another", file)
+    assert not np.array_equal(again[:2], whole[:2] + 1)
+    np.savez(file, **marked)
+    other, _ = fit_faces(pipeline, inputs[::-1].copy(), buckets, fitting, "a mode", file)
+    assert not np.array_equal(other[:2], whole[:2] + 1)
+
+
 @needs_measures
 @needs_mobileface
 def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
@@ -305,6 +332,7 @@ def test_modes_cli_measures_each_drawing_through_the_pipeline(tmp_path):
     for record in records:
         assert len(record["evaluation"]["rows"]) == 6 and len(record["mean_ages"]) == 6
         assert 0 <= record["in_order"] <= 1
+    assert not (out / "in-progress").exists()  # the saved faces go once the table is written
     text = (out / "modes.md").read_text()
     assert "**both at once**" in text and "| real test faces |" in text
     assert Image.open(out / "modes.png").size == (200 + 64 * 8, 14 + 64 * 4 * 4)
