@@ -401,9 +401,9 @@ def fit_faces(
                 generated[:done] = old["generated"][:done]
                 seconds[:done] = old["seconds"][:done]
                 print(f"  {name}: resumed after {done} faces", file=sys.stderr)
+    identity_steps, adapt_steps, objective = fitting
     for i in range(done, len(inputs)):
         began = time.perf_counter()
-        identity_steps, adapt_steps, objective = fitting
         _, _, generated[i] = pipeline.faces_from(
             inputs[i], int(buckets[i]), False, identity_steps, adapt_steps, objective=objective
         )
