@@ -4,6 +4,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -49,7 +50,8 @@ def pipeline(model, aligner):  # aligner: the shared MTCNN, on one thread
 def results(request, pipeline):
     """Each photo aged once, without identity optimization, G's own faces pasted back (the
     paste-back geometry is seen best on them): name -> AgingResult."""
-    options = dict(optimize_identity=False, output_size=SIZE, render="generated")
+    drawing = dict(render="generated", strength=1.0, adapt_steps=0)  # G's own, untuned
+    options = dict(optimize_identity=False, output_size=SIZE, **drawing)
     return {name: pipeline(request.getfixturevalue(name), **options) for name in PHOTOS}
 
 
@@ -183,7 +185,7 @@ def test_strength_scales_the_generated_change(pipeline, astronaut):
     faces, _ = pipeline._compose(result, g)
     expected = np.clip(np.rint(g[:1] + 0.5 * (g[1:] - g[:1])), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(faces[1:], expected)
-    plain = pipeline(astronaut, optimize_identity=False, render="generated")
+    plain = pipeline(astronaut, optimize_identity=False, render="generated", strength=1.0)
     g = generated_faces(pipeline, plain)
     faces, _ = pipeline._compose(plain, g)
     np.testing.assert_array_equal(faces[1:], np.rint(g[1:]).astype(np.uint8))  # G's own
@@ -192,7 +194,7 @@ def test_strength_scales_the_generated_change(pipeline, astronaut):
 def test_adaptation_fits_the_photo_and_leaves_the_shipped_g_alone(pipeline, astronaut):
     before = {k: v.clone() for k, v in pipeline.generator.state_dict().items()}
     drawn = dict(optimize_identity=False, render="generated")  # G's own faces, to compare
-    plain = pipeline(astronaut, **drawn)
+    plain = pipeline(astronaut, **drawn, adapt_steps=0)
     calls = []
     adapted = pipeline(astronaut, **drawn, adapt_steps=15, progress=lambda *a: calls.append(a))
     assert [c[:2] for c in calls] == [(step, 15) for step in range(1, 16)]
@@ -210,6 +212,22 @@ def test_adaptation_fits_the_photo_and_leaves_the_shipped_g_alone(pipeline, astr
     face, _ = pipeline.render(adapted, np.eye(6)[2])  # the sliders use G'
     np.testing.assert_array_equal(np.asarray(face), np.asarray(adapted.aged[2]))
     assert not np.array_equal(np.asarray(face), np.asarray(plain.aged[2]))
+
+
+def test_two_adaptations_at_once_each_draw_their_own_photo(pipeline, astronaut, grace_hopper):
+    """Two requests adapting G at the same time (an app's two aging slots) get exactly what each
+    gets alone: no request trains, or draws, with the other's tuned weights."""
+    drawn = dict(optimize_identity=False, render="generated", adapt_steps=8)
+    photos = [astronaut, grace_hopper] * 2
+    alone = [pipeline(photo, **drawn) for photo in photos[:2]]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda photo: pipeline(photo, **drawn), photos))
+        sliders = list(pool.map(lambda r: pipeline.render(r, np.eye(6)[4])[0], together))
+    for i, result in enumerate(together):
+        expected = alone[i % 2]
+        for name, tensor in expected.adaptation.synthesis.items():
+            torch.testing.assert_close(result.adaptation.synthesis[name], tensor, rtol=0, atol=0)
+        np.testing.assert_array_equal(np.asarray(sliders[i]), np.asarray(expected.aged[4]))
 
 
 @pytest.mark.parametrize(
@@ -255,7 +273,11 @@ def test_input_age_in_years_sets_the_bucket(pipeline, astronaut):
 def test_identity_optimization_moves_z_and_reports_progress(pipeline, results, astronaut):
     calls = []
     result = pipeline(
-        astronaut, identity_steps=3, progress=lambda *args: calls.append(args), output_size=SIZE
+        astronaut,
+        identity_steps=3,
+        adapt_steps=0,
+        progress=lambda *args: calls.append(args),
+        output_size=SIZE,
     )
     assert [call[:2] for call in calls] == [(1, 3), (2, 3), (3, 3)]
     assert not torch.equal(result.z, results["astronaut"].z)
