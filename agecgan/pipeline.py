@@ -31,13 +31,15 @@ from agecgan.runtime import select_device
 DEFAULT_MODEL = shipped(f"checkpoints/{CONFIG_NAME}").parent  # the checkout's, else the install's
 # Without the user's age, the shipped age estimator reads it from the photo, as dlib cuts its chip.
 IDENTITY_STEPS = DEFAULT_STEPS  # 1.4 s on one CPU core: what an app can ask a user to wait
-IDENTITY_OBJECTIVE = "identity"  # the paper's; "both" adds a pixel term (agecgan.identity)
+# "both": dlib FR plus a pixel term (agecgan.identity), which MobileFace preferred to the paper's
+# FR alone on the shipped model (README, "Likeness").
+IDENTITY_OBJECTIVE = "both"
 # How the aged faces are drawn. "generated": G's own faces, G(z, y_k). "detail": the photo's own
 # face plus G's change, x + (G(z, y_k) - G(z, y_x)), so the face keeps its pixels and only the
 # change is drawn by G. In both, strength scales the change: 1 is G's, 0 none.
 RENDERS = ("generated", "detail")
 DEFAULT_RENDER = "detail"  # chosen by "both at once" (README, "Likeness")
-DEFAULT_STRENGTH = 1.0
+DEFAULT_STRENGTH = 1.25  # the shipped G's age change is small: 1.25 won "both at once"
 MAX_STRENGTH = 3.0
 MAX_ADAPT_STEPS = 200
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as PIL's "L"

@@ -378,7 +378,7 @@ def write_report(out: Path, report: Report) -> Path:
         parts += [
             "",
             f"## Aging after identity-preserving optimization ({again.identity_steps} steps), "
-            "as the app does by default",
+            "the paper's stage 3, in G's own drawing",
             "",
             f"z = E(x), then {again.identity_steps} Adam steps on z that bring FR(G(z, true age)) "
             f"to FR(x); {again.seconds:.0f} s. The FR that judges identity is the one that was "

@@ -524,7 +524,7 @@ def build_demo(pipeline: AgingPipeline | None, message: str | None = None) -> gr
                     0,
                     MAX_STRENGTH,
                     value=DEFAULT_STRENGTH,
-                    step=0.1,
+                    step=0.05,
                     label="Strength of the age change",
                     info="1: as the generator draws it; 0: none; 2: twice as much.",
                 )

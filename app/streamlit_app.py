@@ -137,11 +137,15 @@ def age_photo(
     st.session_state.pop("aged", None)  # one photo per session in memory, not two
     start = time.perf_counter()
     bar = st.progress(0.0, text="reading the photo")
-    losses = []
+    # The pipeline reports the identity steps, then the adaptation's, each counted from 1.
+    names = ["identity steps"] * identity + ["adaptation steps"] * (adapt_steps > 0)
+    phases: list[list] = []  # [name, steps, last loss]
 
     def progress(step: int, total: int, loss: float) -> None:
-        losses.append(loss)
-        bar.progress(step / total, text=f"fitting the face (loss {loss:.3f})")
+        if step == 1 or not phases:
+            phases.append([names[min(len(phases), len(names) - 1)], total, loss])
+        phases[-1][2] = loss
+        bar.progress(step / total, text=f"fitting the face: {phases[-1][0]} (loss {loss:.3f})")
 
     try:
         image, read_notes = service.read_upload(data, name)
@@ -150,8 +154,9 @@ def age_photo(
         bar.empty()
         raise
     done = f"Aged in {time.perf_counter() - start:.1f} s"
-    if losses:
-        done += f" (loss {losses[-1]:.3f} after {len(losses)} steps)"
+    if phases:
+        done += " (" + "; ".join(f"{total} {name}, loss {loss:.3f}" for name, total, loss in phases)
+        done += ")"
     bar.progress(1.0, text=done)
     result = aged.result
     size = result.reconstruction.size
@@ -340,7 +345,7 @@ def main() -> None:
             0.0,
             MAX_STRENGTH,
             DEFAULT_STRENGTH,
-            step=0.1,
+            step=0.05,
             key="strength",
             help="1: as the generator draws it; 0: none; 2: twice as much.",
         )

@@ -26,6 +26,7 @@ from PIL import Image
 import agecgan.pipeline
 import agecgan.service
 from agecgan import BUCKET_LABELS, AgingPipeline, Encoder
+from agecgan.adapt import DEFAULT_ADAPT_STEPS
 from agecgan.checkpoints import export_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,9 @@ def test_identity_optimization_reports_progress(pipeline, grace_hopper):
         pipeline, grace_hopper, 77, True, 2, progress=lambda *a, **k: calls.append((a, k))
     )
     check_outputs(outputs, (512, 600))
-    assert [a[0] for a, _ in calls if isinstance(a[0], tuple)] == [(1, 2), (2, 2)]
+    steps = [a[0] for a, _ in calls if isinstance(a[0], tuple)]
+    adapting = [(step, DEFAULT_ADAPT_STEPS) for step in range(1, DEFAULT_ADAPT_STEPS + 1)]
+    assert steps == [(1, 2), (2, 2), *adapting]  # the identity steps, then the adaptation's
     assert any("fitting the face" in k.get("desc", "") for _, k in calls)
 
 
@@ -289,8 +292,13 @@ def test_sliders_render_from_the_session(pipeline, grace_hopper):
     faces, pasted, _, _, session = age(pipeline, grace_hopper, input_age=77)
     for bucket in range(6):
         face, photo = webapp.blend(pipeline, session, *np.eye(6)[bucket])
-        np.testing.assert_array_equal(pixels(face), pixels(faces[bucket + 1][0]))
-        np.testing.assert_array_equal(pixels(photo), pixels(pasted[bucket][0]))
+        # G of 2 conditions and of 7 differ by ~3e-7 (float sums in another order), which at
+        # strength 1.25 can round a pixel of the face the other way (PNG: one level), and the
+        # photos are JPEGs, whose blocks spread such a flip over a few levels.
+        difference = np.abs(pixels(face).astype(int) - pixels(faces[bucket + 1][0]))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.001
+        difference = np.abs(pixels(photo).astype(int) - pixels(pasted[bucket][0]))
+        assert difference.max() <= 8 and difference.mean() < 0.01
     face, photo, *weights = webapp.sweep(pipeline, session, 5)
     assert weights == [0, 0, 0, 0, 0, 1]
     np.testing.assert_array_equal(pixels(face), pixels(faces[6][0]))
