@@ -141,7 +141,7 @@ def summary_table(evaluations: list[AgingEvaluation]) -> str:
 
 def modes_table(rows) -> str:
     """Markdown: one row per mode (evaluation, age_order's extras, seconds per face or None),
-    then FID per target bucket."""
+    then age and FID per target bucket, then identity per target bucket."""
     threshold = next((e.mobileface_threshold for e, *_ in rows if e.mobileface_threshold), "")
     head = (
         "| drawn by | in target bucket | within one | span, years | six in order | "
@@ -180,6 +180,21 @@ def modes_table(rows) -> str:
         + " | ".join(f"{r.real_exact:.0%} / {r.real_mean_age:.0f} / -" for r in real)
         + " |"
     )
+    head = (
+        "| drawn by | "
+        + " | ".join(
+            f"{label}: MobileFace verified / cosine / dlib verified" for label in BUCKET_LABELS
+        )
+        + " |"
+    )
+    lines += ["", head, _separator(head)]
+    for e, *_ in rows:
+        cells = [
+            f"{_percent(r.mobileface_verified)} / {_score(r.mobileface_similarity)} / "
+            f"{_percent(r.verified)}"
+            for r in e.rows
+        ]
+        lines.append(f"| {e.model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
