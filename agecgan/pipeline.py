@@ -470,6 +470,10 @@ def _paste(result: AgingResult, face: np.ndarray, framing: Framing) -> Image.Ima
 def save_gif(frames: list[Image.Image], path, frame_ms: int = 80):
     """An animated GIF of a progression, forth and back: the loop never jumps old to young.
     path: a file path (returned as a Path) or a binary file object, such as io.BytesIO."""
+    # Each frame's palette once, by the fast octree: Pillow's default median cut took 77 ms a
+    # frame (4.9 s for the app's 24 frames forth and back, twice the aging itself) against 3 ms,
+    # for 2.8 levels of mean error against 1.8.
+    frames = [frame.quantize(method=Image.Quantize.FASTOCTREE) for frame in frames]
     frames = frames + frames[-2:0:-1]
     frames[0].save(path, "GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
     return path if hasattr(path, "write") else Path(path)
