@@ -105,15 +105,14 @@ def adapt_generator(
             shipped = tuned_layers(inputs).float()
             shipped_change = shipped[1 : 1 + len(others)] - shipped[:1]
             target = FR(x).float() if identity_weight > 0 else None
-        tuned_copy = copy.deepcopy(tuned_layers).requires_grad_(True)  # this request's own
-        tuned = dict(tuned_copy.named_parameters())
-        optimizer = torch.optim.Adam(tuned.values(), lr=lr)
+        tuned = copy.deepcopy(tuned_layers).requires_grad_(True)  # this request's own
+        optimizer = torch.optim.Adam(tuned.parameters(), lr=lr)
         random_rows = torch.arange(1 + len(others), len(inputs))
         losses: list[float] = []
         for step in range(steps):
             ages = 1 + torch.randperm(len(others), generator=noise)[:AGE_SAMPLES]
             rows = torch.cat([torch.zeros(1, dtype=torch.long), ages, random_rows])
-            faces = tuned_copy(inputs[rows]).float()
+            faces = tuned(inputs[rows]).float()
             loss = pixel_weight * (faces[:1] - x.float()).abs().mean()
             if target is not None:
                 loss = (
@@ -129,7 +128,7 @@ def adapt_generator(
             losses.append(loss.item())
             if progress:
                 progress(step + 1, steps, losses[-1])
-        weights = {name: tensor.detach().cpu() for name, tensor in tuned.items()}
+        weights = {name: tensor.detach().cpu() for name, tensor in tuned.named_parameters()}
         return Adaptation(start=start, synthesis=weights, steps=steps, losses=losses)
     finally:
         for module, was_training in modes.items():

@@ -142,8 +142,8 @@ def age_photo(
     phases: list[list] = []  # [name, steps, last loss]
 
     def progress(step: int, total: int, loss: float) -> None:
-        if step == 1 or not phases:
-            phases.append([names[min(len(phases), len(names) - 1)], total, loss])
+        if step == 1:
+            phases.append([names[len(phases)], total, loss])
         phases[-1][2] = loss
         bar.progress(step / total, text=f"fitting the face: {phases[-1][0]} (loss {loss:.3f})")
 
